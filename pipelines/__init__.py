@@ -1,0 +1,1 @@
+"""End-to-end recipes. Run from the repository root: `python -m pipelines.demo`."""
