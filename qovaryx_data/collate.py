@@ -1,0 +1,145 @@
+"""Training batches of mixed rows, as CONTRACTS.md ("Training batch") defines them.
+
+Two kinds of example come out of a PackedDataset:
+
+* a **text window**: ``n`` tokens of the concatenated stream (``ds.window``), possibly spanning
+  several documents, with ``document_ids`` 0, 1, 2, ... so attention stays inside a document;
+* a **whole row** with an image and/or a decision label (``ds[i]``), never cut, padded to the
+  batch length.
+
+`collate` pads and stacks them into torch tensors::
+
+    input_ids  int64 (B, T)     padded with pad_id (1)
+    labels     int64 (B, T)     = input_ids, -100 at padding
+    attention_mask int64 (B, T) 1 real token, 0 padding
+    document_ids int64 (B, T)   per-row document index, -1 at padding   (when any window is in)
+    pixel_values uint8 (B, C, H, W), image_mask bool (B,)   (when any row has an image)
+    decision_labels int64 (B,) (-100: no label), decision_positions int64 (B,)  (when any label)
+
+Example (two windows of 4 tokens over documents [5, 6, 7] [8, 9] ...)::
+
+    doc_offsets [0, 3, 5, ...] -> window(1, 4) = [6, 7, 8, 9], document_ids [0, 0, 1, 1]
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+PAD_ID = 1          # <|pad|> (CONTRACTS.md special tokens)
+IGNORE_INDEX = -100  # HF convention: no loss
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One row of a batch before padding."""
+
+    input_ids: np.ndarray                    # (t,) token ids
+    document_ids: np.ndarray | None = None   # (t,) 0, 1, 2, ... per document; None: one document
+    image: np.ndarray | None = None          # uint8 (H, W, C)
+    decision: int | None = None              # class id, or None
+    decision_position: int | None = None     # index into input_ids; None with a label: last token
+
+
+def window_document_ids(doc_offsets: np.ndarray, start: int, n: int) -> np.ndarray:
+    """Document index (from 0) of each token of stream[start:start+n].
+
+        >>> window_document_ids(np.array([0, 3, 5, 5, 9]), 1, 6).tolist()
+        [0, 0, 1, 1, 2, 2]
+
+    (the empty document at offset 5 -- a row with an image and no text -- takes no number.)
+    """
+    offsets = np.asarray(doc_offsets)
+    lo = int(np.searchsorted(offsets, start, side="right"))
+    hi = int(np.searchsorted(offsets, start + n, side="left"))
+    marks = np.zeros(n, dtype=np.int64)
+    marks[offsets[lo:hi] - start] = 1          # document starts inside the window
+    return np.cumsum(marks)
+
+
+def text_window(ds: Any, start: int, n: int) -> Example:
+    """A window of `n` tokens from the stream of `ds` (a PackedDataset) with its document ids."""
+    tokens = ds.window(start, n)
+    if len(tokens) != n:
+        raise ValueError(f"window({start}, {n}) runs past the end of the dataset "
+                         f"({ds.num_tokens} tokens)")
+    return Example(np.asarray(tokens), window_document_ids(ds.doc_offsets, start, n))
+
+
+def row_example(ds: Any, i: int) -> Example:
+    """Row `i` of `ds` whole: its tokens, image and decision label (if any)."""
+    doc = ds[i]
+    return Example(doc.tokens, None, doc.image, doc.decision, doc.decision_position)
+
+
+def collate(examples: Sequence[Example], *, pad_id: int = PAD_ID, pad_to: int | None = None,
+            image_shape: tuple[int, int, int] | None = None,
+            decisions: bool | None = None) -> dict[str, torch.Tensor]:
+    """Pad and stack `examples` into a training batch (see the module docstring).
+
+    `pad_to` fixes T (a longer row is an error: rows with an image or a label are never cut);
+    otherwise T is the longest row (at least 1). `image_shape` (H, W, C) makes ``pixel_values``
+    present even when no row has an image; `decisions=True` does the same for the decision keys.
+    """
+    import torch
+
+    if not examples:
+        raise ValueError("collate: empty list of examples")
+    lengths = [len(e.input_ids) for e in examples]
+    T = max(1, max(lengths))
+    if pad_to is not None:
+        if T > pad_to:
+            i = lengths.index(max(lengths))
+            raise ValueError(f"collate: example {i} has {lengths[i]} tokens, more than pad_to="
+                             f"{pad_to}; raise the sequence length or filter long rows out")
+        T = pad_to
+    B = len(examples)
+    input_ids = np.full((B, T), pad_id, dtype=np.int64)
+    attention = np.zeros((B, T), dtype=np.int64)
+    with_docs = any(e.document_ids is not None for e in examples)
+    document_ids = np.full((B, T), -1, dtype=np.int64)
+    for b, (e, t) in enumerate(zip(examples, lengths)):
+        input_ids[b, :t] = e.input_ids
+        attention[b, :t] = 1
+        document_ids[b, :t] = 0 if e.document_ids is None else e.document_ids
+    labels = np.where(attention == 1, input_ids, IGNORE_INDEX)
+    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+             "attention_mask": torch.from_numpy(attention)}
+    if with_docs:
+        batch["document_ids"] = torch.from_numpy(document_ids)
+
+    shapes = {e.image.shape for e in examples if e.image is not None}
+    if image_shape is not None:
+        shapes.add(tuple(image_shape))
+    if len(shapes) > 1:
+        raise ValueError(f"collate: images of different shapes {sorted(shapes)} in one batch")
+    if shapes:
+        H, W, C = shapes.pop()
+        pixels = np.zeros((B, C, H, W), dtype=np.uint8)
+        mask = np.zeros(B, dtype=bool)
+        for b, e in enumerate(examples):
+            if e.image is not None:
+                pixels[b] = np.asarray(e.image).transpose(2, 0, 1)   # (H, W, C) -> (C, H, W)
+                mask[b] = True
+        batch["pixel_values"] = torch.from_numpy(pixels)
+        batch["image_mask"] = torch.from_numpy(mask)
+
+    if decisions or (decisions is None and any(e.decision is not None for e in examples)):
+        dl = np.full(B, IGNORE_INDEX, dtype=np.int64)
+        dp = np.zeros(B, dtype=np.int64)
+        for b, (e, t) in enumerate(zip(examples, lengths)):
+            if e.decision is None:
+                continue
+            pos = max(t - 1, 0) if e.decision_position is None else int(e.decision_position)
+            if not 0 <= pos < max(t, 1):
+                raise ValueError(f"collate: example {b} has decision_position {pos} outside its "
+                                 f"{t} tokens")
+            dl[b], dp[b] = int(e.decision), pos
+        batch["decision_labels"] = torch.from_numpy(dl)
+        batch["decision_positions"] = torch.from_numpy(dp)
+    return batch
