@@ -40,12 +40,12 @@ ROWS_PER_SHARD = 8192     # IterableDataset shard size (row ranges), for DataLoa
 
 
 def _has_decisions(ds: Any) -> bool:
-    """Does any row carry a decision label? (from dataset.json counts when present, else a scan)."""
+    """Does the dataset carry decision labels? (dataset.json says so; a scan for older files)."""
     if ds.decision_names:
         return True
-    counts = (ds.info or {}).get("decision_counts")
-    if isinstance(counts, (dict, list)):
-        return bool(sum(counts.values()) if isinstance(counts, dict) else sum(counts))
+    info = ds.info or {}
+    if "decision" in info:                 # {"num_classes", "labels"} when a source has labels
+        return info["decision"] is not None
     return any(ds[int(i)].decision is not None for i in ds.multimodal_doc_indices)
 
 
@@ -63,7 +63,7 @@ def hf_features(ds: Any) -> datasets.Features:
     return datasets.Features(feats)
 
 
-def _rows(ds: Any, ranges: list[tuple[int, int]], columns: list[str]) -> Iterator[dict]:
+def _rows(ds: Any, ranges: list[tuple[int, int]], columns: tuple[str, ...]) -> Iterator[dict]:
     """Generator behind both exports: rows of `ds` in the given [start, stop) ranges."""
     for start, stop in ranges:
         for i in range(start, stop):
@@ -96,7 +96,7 @@ def to_hf(ds: Any, iterable: bool = False, *, cache_dir: str | None = None,
     features = hf_features(ds)
     n = len(ds)
     ranges = [(a, min(a + rows_per_shard, n)) for a in range(0, n, rows_per_shard)]
-    kwargs = {"ds": ds, "ranges": ranges, "columns": list(features)}
+    kwargs = {"ds": ds, "ranges": ranges, "columns": tuple(features)}
     if iterable:
         # a list in gen_kwargs is split across shards: one shard per row range
         kwargs["ranges"] = [[r] for r in ranges] or [[]]
@@ -106,7 +106,8 @@ def to_hf(ds: Any, iterable: bool = False, *, cache_dir: str | None = None,
                                            cache_dir=cache_dir, fingerprint=_fingerprint(ds))
 
 
-def _shard_rows(ds: Any, ranges: list[list[tuple[int, int]]], columns: list[str]) -> Iterator[dict]:
+def _shard_rows(ds: Any, ranges: list[list[tuple[int, int]]],
+                columns: tuple[str, ...]) -> Iterator[dict]:
     # IterableDataset hands each shard a sub-list of `ranges` (a list of one-range lists)
     for chunk in ranges:
         yield from _rows(ds, chunk, columns)

@@ -60,3 +60,91 @@ def test_save_dataset_refuses_other_objects(tmp_path):
         save_dataset(datasets.DatasetDict({"train": d}), tmp_path)
     with pytest.raises(TypeError, match="datasets.Dataset"):
         save_dataset([{"text": "a"}], tmp_path)
+
+
+# ---- hf -> pack -> to_hf round trip ----
+
+def _mixed_hf(fashion_mnist_dir: Path, n: int = N):
+    """Rows with image + label, image only, label only, and text only (None cells)."""
+    from PIL import Image
+
+    images, labels = load_fashion_mnist(fashion_mnist_dir, n)
+    features = datasets.Features({"text": datasets.Value("string"), "picture": datasets.Image(),
+                                  "verdict": datasets.ClassLabel(names=DECISION_NAMES)})
+    pics = [Image.fromarray(a) if i % 4 != 2 else None for i, a in enumerate(images)]
+    verdicts = [int(y) % 4 if i % 4 != 1 else None for i, y in enumerate(labels)]
+    texts = [caption(int(y)) for y in labels]
+    return datasets.Dataset.from_dict({"text": texts, "picture": pics, "verdict": verdicts},
+                                      features=features), images, pics, verdicts, texts
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory, fashion_mnist_dir, small_tokenizer):
+    from qovaryx_data import PackedDataset
+    from qovaryx_data.manifest import PackManifest
+    from qovaryx_data.pack import pack
+
+    work = tmp_path_factory.mktemp("hf")
+    hf, images, pics, verdicts, texts = _mixed_hf(fashion_mnist_dir)
+    # the Python API: an in-memory datasets.Dataset as a source, no image/label configuration
+    m = PackManifest(name="hf", tokenizer=str(small_tokenizer), sources=(as_source(hf, work),),
+                     output=str(work / "out"), images={"size": [28, 28], "mode": "L"})
+    pack(m, workers=1, progress=False)
+    return PackedDataset(work / "out"), images, pics, verdicts, texts, small_tokenizer
+
+
+def test_round_trip_hf_pack_to_hf(round_trip, tmp_path):
+    from tokenizers import Tokenizer
+
+    ds, images, pics, verdicts, texts, tok_dir = round_trip
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    assert len(ds) == N and list(ds.decision_names) == DECISION_NAMES
+    out = ds.to_hf()
+    assert isinstance(out, datasets.Dataset) and len(out) == N
+    assert isinstance(out.features["image"], datasets.Image)
+    assert isinstance(out.features["decision"], datasets.ClassLabel)
+    assert out.features["decision"].names == DECISION_NAMES
+    for i, rec in enumerate(out):
+        assert rec["input_ids"] == ds[i].tokens.tolist()
+        assert rec["input_ids"] == tok.encode(texts[i], add_special_tokens=False).ids + [0]
+        if pics[i] is None:
+            assert rec["image"] is None
+        else:
+            np.testing.assert_array_equal(np.asarray(rec["image"]), images[i])
+        assert rec["decision"] == verdicts[i]
+        if verdicts[i] is not None:
+            assert rec["decision_position"] == len(rec["input_ids"]) - 1
+    # the export is cached by content: a second call reuses the same Arrow file
+    assert ds.to_hf().cache_files == out.cache_files
+
+
+def test_to_hf_iterable_streams_the_same_rows(round_trip):
+    ds, images, pics, verdicts, *_ = round_trip
+    it = ds.to_hf(iterable=True)
+    assert isinstance(it, datasets.IterableDataset)
+    assert it.features["decision"].names == DECISION_NAMES
+    got = list(it)
+    assert len(got) == N
+    for i, rec in enumerate(got):
+        assert rec["input_ids"] == ds[i].tokens.tolist() and rec["decision"] == verdicts[i]
+        assert (rec["image"] is None) == (pics[i] is None)
+        if pics[i] is not None:
+            np.testing.assert_array_equal(np.asarray(rec["image"]), images[i])
+
+
+def test_to_hf_text_only(tmp_path, small_tokenizer, kjv_path):
+    from qovaryx_data import PackedDataset
+    from qovaryx_data.pack import pack
+
+    with open(kjv_path, encoding="utf-8") as f:
+        verses = [next(f).rstrip("\n") for _ in range(30)]
+    hf = datasets.Dataset.from_dict({"text": verses})
+    from qovaryx_data.manifest import PackManifest
+
+    m = PackManifest(name="t", tokenizer=str(small_tokenizer), output=str(tmp_path / "out"),
+                     sources=(as_source(hf, tmp_path / "w"),))
+    pack(m, workers=1, progress=False)
+    ds = PackedDataset(tmp_path / "out")
+    out = ds.to_hf()
+    assert list(out.features) == ["input_ids"]
+    assert out["input_ids"] == [ds[i].tokens.tolist() for i in range(len(ds))]

@@ -1,0 +1,242 @@
+"""End to end on real images: Fashion-MNIST PNG + JSONL rows -> pack -> PackedDataset / collate.
+
+Covers issue 4's packing and reading: exact pixels and labels back, a shard mixing text-only rows
+with image/label rows, and every bad input (missing, corrupt, truncated, a real decompression
+bomb, path escapes incl. a symlink, bad labels, a position outside the row), failing with the
+file and row named, or counted with ``on_error: skip``.
+"""
+from __future__ import annotations
+
+import io
+import re
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from tokenizers import Tokenizer
+
+from fmnist import DECISION_NAMES, load_fashion_mnist, write_png_source
+from qovaryx_data import PackedDataset, SourceError
+from qovaryx_data.collate import collate, row_example, text_window
+from qovaryx_data.images import contact_sheet
+from qovaryx_data.pack import pack
+
+N_IMAGES = 300
+N_VERSES = 200
+IMAGES = {"size": [28, 28], "mode": "L", "resize": "fit", "max_pixels": 40_000_000}
+MM = {"format": "jsonl", "text_field": "text", "image_field": "image", "decision_field": "label",
+      "decision_labels": DECISION_NAMES}
+
+
+def pack_manifest(folder: Path, tokenizer: Path, sources: list[dict], *, on_error: str = "fail",
+                  images: dict | None = IMAGES) -> Path:
+    """Write <folder>/pack.yaml and pack it (one worker, no progress bar) into <folder>/out."""
+    m = {"name": "mm", "tokenizer": str(tokenizer), "output": "out", "sources": sources,
+         "on_error": on_error}
+    if images is not None:
+        m["images"] = images
+    (folder / "pack.yaml").write_text(yaml.safe_dump(m), encoding="utf-8")
+    pack(folder / "pack.yaml", workers=1, progress=False)
+    return folder / "out"
+
+
+@pytest.fixture(scope="module")
+def fm(tmp_path_factory, fashion_mnist_dir, kjv_path, small_tokenizer):
+    """Fashion-MNIST rows (image + caption + label) interleaved with text-only verses, plus a
+    second, plain-text source of more verses, packed into one shard."""
+    root = tmp_path_factory.mktemp("fm")
+    images, labels = load_fashion_mnist(fashion_mnist_dir, N_IMAGES)
+    with open(kjv_path, encoding="utf-8") as f:
+        verses = [next(f).rstrip("\n") for _ in range(2 * N_VERSES)]
+    jsonl = write_png_source(root / "src", images, labels, text_only=verses[:N_VERSES])
+    (root / "src" / "verses.txt").write_text("\n".join(verses[N_VERSES:]) + "\n", encoding="utf-8")
+    out = pack_manifest(root, small_tokenizer,
+                        [{"path": "src/rows.jsonl", **MM},
+                         {"path": "src/verses.txt", "format": "text", "split": "line"}])
+    rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    tok = Tokenizer.from_file(str(small_tokenizer / "tokenizer.json"))
+    return {"ds": PackedDataset(out), "out": out, "images": images, "labels": labels,
+            "rows": rows, "verses": verses, "tok": tok, "jsonl": jsonl}
+
+
+def test_pixels_labels_and_text_read_back_exactly(fm):
+    ds, rows, images, labels, tok = fm["ds"], fm["rows"], fm["images"], fm["labels"], fm["tok"]
+    assert len(ds) == len(rows) + N_VERSES == N_IMAGES + 2 * N_VERSES
+    assert ds.image_shape == (28, 28, 1)
+    assert list(ds.decision_names) == DECISION_NAMES
+    assert len(ds.multimodal_doc_indices) == N_IMAGES
+    assert len(ds.text_doc_indices) == 2 * N_VERSES
+    seen = 0
+    for i in range(len(rows)):
+        doc = ds[i]
+        assert Path(doc.source).name == "rows.jsonl"
+        row = rows[doc.row - 1]                                   # 1-based line number
+        ids = tok.encode(row["text"], add_special_tokens=False).ids
+        assert doc.tokens.tolist() == ids + [0]                   # text + <|endoftext|>
+        if "image" in row:
+            k = int(row["image"][4:9])                            # img/00017.png -> 17
+            assert doc.image.shape == (28, 28, 1) and doc.image.dtype == np.uint8
+            np.testing.assert_array_equal(doc.image[:, :, 0], images[k])   # same size, no resize
+            assert not doc.image.flags.owndata                     # a view into the memmap
+            assert doc.image.ctypes.data % 8 == 0                  # 8-byte aligned
+            assert doc.decision == row["label"] == labels[k] % 4
+            assert doc.decision_position == len(doc.tokens) - 1    # default: the last token
+            seen += 1
+        else:
+            assert doc.image is None and doc.decision is None and doc.decision_position is None
+    assert seen == N_IMAGES
+    for j, i in enumerate(range(len(rows), len(ds))):             # the plain-text source
+        doc = ds[i]
+        assert doc.image is None and doc.decision is None
+        assert doc.tokens.tolist() == tok.encode(fm["verses"][N_VERSES + j],
+                                                 add_special_tokens=False).ids + [0]
+
+
+def test_dataset_json_and_contact_sheet(fm, tmp_path):
+    ds = fm["ds"]
+    info = json.loads((fm["out"] / "dataset.json").read_text())
+    assert info["images"]["shape"] == [28, 28, 1] and info["images"]["resize"] == "fit"
+    assert info["decision"]["labels"] == DECISION_NAMES
+    assert info["skipped"] == {}
+    idx = ds.multimodal_doc_indices[:6]
+    out = contact_sheet([ds[int(i)].image for i in idx],
+                        [DECISION_NAMES[ds[int(i)].decision] for i in idx], tmp_path / "s.png")
+    with Image.open(out) as im:
+        assert im.size[0] > 28 * 3
+
+
+def test_collate_real_batch(fm):
+    ds = fm["ds"]
+    first_verse = int(ds.text_doc_indices[-N_VERSES])             # the text-only source's docs
+    start = int(ds.doc_offsets[first_verse]) + 3
+    n = 256
+    mm = [int(i) for i in ds.multimodal_doc_indices[:3]]
+    batch = collate([text_window(ds, start, n)] + [row_example(ds, i) for i in mm])
+    assert batch["input_ids"].shape == (4, n)
+    assert batch["input_ids"][0].tolist() == ds.window(start, n).tolist()
+    # document ids follow the packed document boundaries
+    doc_of = np.searchsorted(ds.doc_offsets, np.arange(start, start + n), side="right") - 1
+    assert batch["document_ids"][0].tolist() == (doc_of - doc_of[0]).tolist()
+    assert batch["document_ids"][0].max() >= 2                    # verses are short: several docs
+    for b, i in enumerate(mm, start=1):
+        t = len(ds[i].tokens)
+        assert batch["input_ids"][b, :t].tolist() == ds[i].tokens.tolist()
+        assert (batch["input_ids"][b, t:] == 1).all() and (batch["labels"][b, t:] == -100).all()
+        assert batch["pixel_values"][b, 0].numpy().tolist() == ds[i].image[:, :, 0].tolist()
+        assert batch["decision_labels"][b] == ds[i].decision
+        assert batch["decision_positions"][b] == t - 1
+    assert batch["image_mask"].tolist() == [False, True, True, True]
+    assert batch["decision_labels"][0] == -100
+
+
+# ---- bad input ----
+
+def _png(a: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(a).save(b, format="PNG")
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_src(tmp_path_factory, fashion_mnist_dir):
+    """A source folder with one good image and every kind of bad one, plus a file outside it."""
+    root = tmp_path_factory.mktemp("bad")
+    src = root / "src"
+    (src / "img").mkdir(parents=True)
+    images, _ = load_fashion_mnist(fashion_mnist_dir, 2)
+    good = _png(images[0])
+    (src / "img" / "good.png").write_bytes(good)
+    (src / "img" / "garbage.png").write_bytes(b"definitely not a PNG file")
+    (src / "img" / "truncated.png").write_bytes(good[: len(good) // 2])
+    bomb = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(bomb, format="PNG")        # 48 M pixels in a few KB
+    (src / "img" / "bomb.png").write_bytes(bomb.getvalue())
+    (root / "outside.png").write_bytes(_png(images[1]))
+    os.symlink(root / "outside.png", src / "img" / "link.png")
+    return root
+
+
+BAD_ROWS = {
+    "missing_image": {"text": "a", "image": "img/nope.png", "label": 0, "pos": 0},
+    "corrupt_image": {"text": "a", "image": "img/garbage.png"},
+    "truncated": {"text": "a", "image": "img/truncated.png", "label": 1, "pos": 0},
+    "image_too_large": {"text": "a", "image": "img/bomb.png"},
+    "escape_dotdot": {"text": "a", "image": "../outside.png", "label": 2, "pos": 0},
+    "escape_absolute": {"text": "a", "image": "ABSOLUTE"},
+    "escape_symlink": {"text": "a", "image": "img/link.png"},
+    "label_out_of_range": {"text": "a", "image": "img/good.png", "label": 4, "pos": 0},
+    "unknown_class_name": {"text": "a", "label": "short", "pos": 0},
+    "position_outside": {"text": "a few words", "label": "buy", "pos": 999},
+}
+REASON = {"truncated": "corrupt_image", "escape_dotdot": "path_escape",
+          "escape_absolute": "path_escape", "escape_symlink": "path_escape",
+          "label_out_of_range": "bad_label", "unknown_class_name": "bad_label",
+          "position_outside": "bad_position"}
+GOOD = {"text": "Sell the pullover.", "image": "img/good.png", "label": "sell", "pos": 1}
+
+
+def _write_rows(path: Path, rows: list[dict], root: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            if r.get("image") == "ABSOLUTE":
+                r = {**r, "image": str(root / "outside.png")}
+            f.write(json.dumps(r) + "\n")
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_bad_row_fails_naming_file_and_row(case, bad_src, small_tokenizer, tmp_path):
+    src = bad_src / "src"
+    name = f"{case}.jsonl"
+    _write_rows(src / name, [GOOD, BAD_ROWS[case]], bad_src)
+    work = tmp_path / "w"
+    work.mkdir()
+    with pytest.raises(SourceError) as ei:
+        pack_manifest(work, small_tokenizer,
+                      [{"path": str(src / name), **MM, "decision_position": "pos"}])
+    e = ei.value
+    assert e.reason == REASON.get(case, case), str(e)
+    assert e.row == 2 and Path(e.path).name == name
+    assert re.search(rf"{name} (row|line) 2\b", str(e)), str(e)
+    assert not (work / "out" / "dataset.json").exists()
+
+
+def test_bad_rows_skipped_and_counted(bad_src, small_tokenizer, tmp_path):
+    src = bad_src / "src"
+    rows = [GOOD] + [r for case in BAD_ROWS for r in (BAD_ROWS[case], {"text": f"plain {case}"})]
+    _write_rows(src / "all.jsonl", rows, bad_src)
+    out = pack_manifest(tmp_path, small_tokenizer,
+                        [{"path": str(src / "all.jsonl"), **MM, "decision_position": "pos"}],
+                        on_error="skip")
+    info = json.loads((out / "dataset.json").read_text())
+    want: dict[str, int] = {}
+    for case in BAD_ROWS:
+        want[REASON.get(case, case)] = want.get(REASON.get(case, case), 0) + 1
+    assert info["skipped"] == want
+    assert {(s["row"], s["reason"]) for s in info["skipped_sample"]} == {
+        (2 + 2 * k, REASON.get(case, case)) for k, case in enumerate(BAD_ROWS)}
+    ds = PackedDataset(out)
+    assert len(ds) == 1 + len(BAD_ROWS)                           # the good row + every plain row
+    good = ds[0]
+    np.testing.assert_array_equal(good.image[:, :, 0],
+                                  np.asarray(Image.open(src / "img" / "good.png")))
+    assert good.decision == DECISION_NAMES.index("sell") and good.decision_position == 1
+    assert all(ds[i].image is None for i in range(1, len(ds)))
+
+
+def test_row_with_image_and_no_text_is_kept(bad_src, small_tokenizer, tmp_path):
+    src = bad_src / "src"
+    _write_rows(src / "notext.jsonl", [{"image": "img/good.png"}, {"text": "", "label": 3},
+                                       {"text": "   "}], bad_src)
+    out = pack_manifest(tmp_path, small_tokenizer, [{"path": str(src / "notext.jsonl"), **MM}],
+                        on_error="skip")
+    ds = PackedDataset(out)
+    assert len(ds) == 2 and json.loads((out / "dataset.json").read_text())["skipped"] == {"empty": 1}
+    assert ds[0].image is not None and ds[0].decision is None
+    assert ds[1].image is None and ds[1].decision == 3
+    batch = collate([row_example(ds, 0), row_example(ds, 1)])
+    assert batch["image_mask"].tolist() == [True, False]
+    assert batch["decision_labels"].tolist() == [-100, 3]
