@@ -10,6 +10,7 @@ are described in ``docs/MULTIMODAL.md``.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -117,12 +118,16 @@ def _stretch(img: Image.Image, wh: tuple[int, int]) -> Image.Image:
 _RESIZERS = {"fit": _fit, "crop": _crop, "stretch": _stretch}
 
 
-def _resolve_inside(value: str, root: Path, where: str, err: dict) -> Path:
+@functools.lru_cache(maxsize=256)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def _resolve_inside(value: str, root: Path, where: str, err: dict) -> str:
     """root/value resolved (symlinks followed); refuse anything that lands outside root."""
-    root_r = Path(root).resolve()
-    p = Path(value)
-    target = (p if p.is_absolute() else root_r / p).resolve()
-    if not target.is_relative_to(root_r):
+    root_r = _real_root(os.fspath(root))
+    target = os.path.realpath(os.path.join(root_r, value))   # an absolute value replaces root
+    if os.path.commonpath([root_r, target]) != root_r:
         raise ImageError(f"{where}: image path {value!r} resolves to {target}, outside the source's "
                          f"folder {root_r}; image paths must stay inside the folder of the source file "
                          "(no '..', absolute paths or symlinks leading out)",
@@ -164,8 +169,8 @@ def load_image(value: bytes | bytearray | memoryview | str | os.PathLike, *, roo
         if not value:
             raise ImageError(f"{where}: empty image path", reason="missing_image", **err)
         target = _resolve_inside(value, root, where, err)
-        if not target.is_file():
-            state = "is not a file" if target.exists() else "does not exist"
+        if not os.path.isfile(target):
+            state = "is not a file" if os.path.exists(target) else "does not exist"
             raise ImageError(f"{where}: image file {value!r} ({target}) {state}; fix the path "
                              "(relative to the source file's folder) or remove the image field",
                              reason="missing_image", **err)
@@ -187,7 +192,7 @@ def load_image(value: bytes | bytearray | memoryview | str | os.PathLike, *, roo
                                      "decoding); shrink the image or raise max_pixels",
                                      reason="image_too_large", **err)
                 img.load()                                   # the one decode
-                img = ImageOps.exif_transpose(img)           # camera orientation, if tagged
+                ImageOps.exif_transpose(img, in_place=True)  # camera orientation, if tagged
                 img = _convert(img, spec.mode)
                 img = _RESIZERS[spec.resize](img, (spec.size[1], spec.size[0]))
                 arr = np.asarray(img, dtype=np.uint8)
