@@ -33,10 +33,10 @@ MM = {"format": "jsonl", "text_field": "text", "image_field": "image", "decision
 
 
 def pack_manifest(folder: Path, tokenizer: Path, sources: list[dict], *, on_error: str = "fail",
-                  images: dict | None = IMAGES) -> Path:
+                  images: dict | None = IMAGES, **extra) -> Path:
     """Write <folder>/pack.yaml and pack it (one worker, no progress bar) into <folder>/out."""
     m = {"name": "mm", "tokenizer": str(tokenizer), "output": "out", "sources": sources,
-         "on_error": on_error}
+         "on_error": on_error, **extra}
     if images is not None:
         m["images"] = images
     (folder / "pack.yaml").write_text(yaml.safe_dump(m), encoding="utf-8")
@@ -56,10 +56,11 @@ def fm(tmp_path_factory, fashion_mnist_dir, kjv_path, small_tokenizer):
     (root / "src" / "verses.txt").write_text("\n".join(verses[N_VERSES:]) + "\n", encoding="utf-8")
     out = pack_manifest(root, small_tokenizer,
                         [{"path": "src/rows.jsonl", **MM},
-                         {"path": "src/verses.txt", "format": "text", "split": "line"}])
+                         {"path": "src/verses.txt", "format": "text", "split": "line"}],
+                        unit_bytes=4096)                            # several units per source
     rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     tok = Tokenizer.from_file(str(small_tokenizer / "tokenizer.json"))
-    return {"ds": PackedDataset(out), "out": out, "images": images, "labels": labels,
+    return {"ds": PackedDataset(out), "out": out, "root": root, "images": images, "labels": labels,
             "rows": rows, "verses": verses, "tok": tok, "jsonl": jsonl}
 
 
@@ -107,6 +108,18 @@ def test_dataset_json_and_contact_sheet(fm, tmp_path):
                         [DECISION_NAMES[ds[int(i)].decision] for i in idx], tmp_path / "s.png")
     with Image.open(out) as im:
         assert im.size[0] > 28 * 3
+
+
+def test_images_pack_identically_with_any_worker_count(fm):
+    out2 = fm["root"] / "out-2-workers"
+    pack(fm["root"] / "pack.yaml", out=out2, workers=2, progress=False)
+    one = json.loads((fm["out"] / "dataset.json").read_text())
+    two = json.loads((out2 / "dataset.json").read_text())
+    assert one["files"] == two["files"]                       # sizes and checksums, .img included
+    assert any(name.endswith(".img") for name in one["files"])
+    for name in one["files"]:
+        if not name.startswith("tokenizer"):
+            assert (fm["out"] / name).read_bytes() == (out2 / name).read_bytes(), name
 
 
 def test_collate_real_batch(fm):
