@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from fmnist import DECISION_NAMES, load_fashion_mnist, write_png_source
 from qovaryx_data import PackedDataset, SourceError
 from qovaryx_data.collate import collate, row_example, text_window
-from qovaryx_data.images import contact_sheet
+from qovaryx_data.images import ImageSpec, contact_sheet, load_image
 from qovaryx_data.pack import pack
 
 N_IMAGES = 300
@@ -144,6 +144,27 @@ def test_collate_real_batch(fm):
         assert batch["decision_positions"][b] == t - 1
     assert batch["image_mask"].tolist() == [False, True, True, True]
     assert batch["decision_labels"][0] == -100
+
+
+def test_resize_and_rgb_in_the_pack(fm, small_tokenizer, tmp_path):
+    """A manifest size/mode/policy other than the source's: the packer stores what load_image
+    gives for each file (resized once, at pack time), and to_hf exports it as RGB."""
+    spec = {"size": [32, 40], "mode": "RGB", "resize": "crop"}
+    src = fm["jsonl"].parent
+    out = pack_manifest(tmp_path, small_tokenizer, [{"path": str(fm["jsonl"]), **MM}],
+                        images=spec)
+    ds = PackedDataset(out)
+    assert ds.image_shape == (32, 40, 3)
+    want_spec = ImageSpec.from_dict(spec)
+    idx = [int(i) for i in ds.multimodal_doc_indices[:20]]
+    for i in idx:
+        path = fm["rows"][ds[i].row - 1]["image"]
+        want = load_image(path, root=src, spec=want_spec, where="test")
+        np.testing.assert_array_equal(ds[i].image, want)
+    hf = ds.to_hf()
+    rec = hf[idx[0]]
+    assert rec["image"].mode == "RGB" and rec["image"].size == (40, 32)
+    np.testing.assert_array_equal(np.asarray(rec["image"]), ds[idx[0]].image)
 
 
 # ---- bad input ----
