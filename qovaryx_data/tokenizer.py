@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,13 +56,6 @@ ERRORS = ("strict", "replace")
 # The parts of tokenizer.json that define the encoding (token ids) and decoding. Not hashed:
 # "version" (file format), "truncation" and "padding" (call-time batch options).
 _HASHED_PARTS = ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder")
-# How tokenizers serializes `_identity_post_processor()`; a missing post-processor hashes as this.
-_IDENTITY_POST_PROCESSOR_JSON = {
-    "type": "TemplateProcessing",
-    "single": [{"Sequence": {"id": "A", "type_id": 0}}],
-    "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-    "special_tokens": {},
-}
 
 
 class TokenizerConfigError(TokenizerError, ValueError):
@@ -211,7 +204,7 @@ def train_bpe(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             f"{new_hash[:16]}): choose another --out, or pass --force to replace it")
 
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
+    _atomic_write(out / TOKENIZER_FILE, lambda tmp: tokenizer.save(str(tmp), pretty=True))
     _atomic_write(out / HF_CONFIG_FILE, _dumps(_hf_config(cfg)))
     meta = {
         "format": META_FORMAT,
@@ -362,25 +355,41 @@ def tokenizer_hash(tokenizer_or_dir: Any) -> str:
     """SHA-256 (hex) of what defines the encoding, independent of how the file was written.
 
     Accepts a `tokenizers.Tokenizer`, a transformers fast tokenizer (its `backend_tokenizer`),
-    a tokenizer folder or a tokenizer.json path. The tokenizer is re-serialized by `tokenizers`
-    and the parts `model` (vocab, merges, options), `added_tokens`, `normalizer`,
-    `pre_tokenizer`, `post_processor` and `decoder` are hashed as canonical JSON (sorted keys,
-    no whitespace, merges as [left, right] pairs, added tokens sorted by id), prefixed by the hash
-    definition's version. So `AutoTokenizer.from_pretrained(d).save_pretrained(e)` keeps the hash.
+    a tokenizer folder or a tokenizer.json path. Hashed, after loading with `tokenizers` (so
+    file formatting, key order and the merges notation do not matter): the `model` (type, options,
+    vocab in id order, merges in rank order), the added tokens (sorted by id, with their flags),
+    the `normalizer`, `pre_tokenizer`, `post_processor` (none counts as the identity template
+    train_bpe writes) and `decoder`, each in the compact JSON `tokenizers` serializes it to,
+    after a line naming the hash definition's version. Padding and truncation are not hashed.
+    So `AutoTokenizer.from_pretrained(d).save_pretrained(e)` keeps the hash.
+
+        >>> tokenizer_hash("build/tokenizer")          # doctest: +SKIP
+        'ac82e35bec845a37596f4c10afb0d77f913cd51347418559108fc93097bc22ff'
     """
     tok = _as_tokenizer(tokenizer_or_dir)
-    spec = json.loads(tok.to_str())
-    parts = {k: spec.get(k) for k in _HASHED_PARTS}
-    model = dict(parts["model"] or {})
-    if isinstance(model.get("merges"), list):
-        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model["merges"]]
-    parts["model"] = model
-    parts["added_tokens"] = sorted(parts["added_tokens"] or [], key=lambda t: t["id"])
-    if parts["post_processor"] is None:   # encodes exactly as the identity template: same hash
-        parts["post_processor"] = _IDENTITY_POST_PROCESSOR_JSON
-    blob = json.dumps({"qovaryx_tokenizer_hash": HASH_VERSION, **parts}, sort_keys=True,
-                      ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    added = tok.get_added_tokens_decoder()
+    added_json = json.dumps([{"id": i, **added[i].__getstate__()} for i in sorted(added)],
+                            sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    post_processor = tok.post_processor or _identity_post_processor()
+    parts = {
+        "model": tok.model.__getstate__(),
+        "added_tokens": added_json.encode("utf-8"),
+        "normalizer": _state(tok.normalizer),
+        "pre_tokenizer": _state(tok.pre_tokenizer),
+        "post_processor": _state(post_processor),
+        "decoder": _state(tok.decoder),
+    }
+    h = hashlib.sha256(f"qovaryx-tokenizer-hash {HASH_VERSION}\n".encode())
+    for name in _HASHED_PARTS:   # fixed order
+        h.update(name.encode() + b"=")
+        h.update(parts[name])
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _state(component: Any) -> bytes:
+    """Compact JSON of a tokenizers component (normalizer, pre-tokenizer, ...), b"null" if none."""
+    return b"null" if component is None else component.__getstate__()
 
 
 def _as_tokenizer(obj: Any):
@@ -412,12 +421,16 @@ def _special_tokens(tok) -> list[str]:
 
 # ---------------------------------------------------------------- small helpers
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename it over `path`."""
+def _atomic_write(path: Path, content: str | Callable[[Path], None]) -> None:
+    """Write `content` (text, or a function writing the file it is given) to a temp file beside
+    `path`, then rename it over `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.write(content)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

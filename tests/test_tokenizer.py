@@ -228,11 +228,6 @@ def test_hash_ignores_file_layout_and_tracks_encoding(small_tokenizer, tmp_path)
         tokenizer_hash(42)
 
 
-def test_identity_post_processor_constant_matches_tokenizers():
-    tok = T._new_tokenizer()
-    assert json.loads(tok.to_str())["post_processor"] == T._IDENTITY_POST_PROCESSOR_JSON
-
-
 # ---------------------------------------------------------------- training behaviour
 
 def test_known_answer_first_merge(tmp_path):
@@ -264,6 +259,17 @@ def test_deterministic_small_and_same_out_again(kjv_lines, tmp_path):
     r3 = train_bpe([str(kjv_lines)], out=tmp_path / "other", vocab_size=1000, split="line")
     assert (tmp_path / "other" / "tokenizer.json").read_bytes() == first["tokenizer.json"]
     assert r3.documents == 4000
+
+
+def test_min_frequency_only_decides_when_to_stop(kjv_lines, tmp_path):
+    """BPE merges by count, so where 2 reaches the size, 1 gives the identical tokenizer."""
+    two = train_bpe([str(kjv_lines)], out=tmp_path / "two", vocab_size=800, split="line")
+    one = train_bpe([str(kjv_lines)], out=tmp_path / "one", vocab_size=800, split="line",
+                    min_frequency=1)
+    assert two.vocab_size == 800 and one.hash == two.hash
+    many = train_bpe([str(kjv_lines)], out=tmp_path / "many", vocab_size=800, split="line",
+                     min_frequency=500, allow_smaller_vocab=True)
+    assert 264 < many.vocab_size < 800
 
 
 def test_all_input_formats_give_the_same_tokenizer(kjv_lines, tmp_path):
@@ -373,6 +379,9 @@ def test_error_missing_text_field(tmp_path):
     _write(tmp_path / "f.jsonl", '{"content": "To be, or not to be"}\n')
     out = _cli_error(str(tmp_path / "f.jsonl"), "--out", str(tmp_path / "t"), "--vocab-size", "300")
     assert "f.jsonl" in out and "text" in out and "line 1" in out
+    _write(tmp_path / "n.jsonl", '{"text": "fine"}\n{"text": 17}\n')
+    out = _cli_error(str(tmp_path / "n.jsonl"), "--out", str(tmp_path / "t"), "--vocab-size", "300")
+    assert "n.jsonl" in out and "line 2" in out
 
 
 def test_invalid_utf8_strict_and_replace(tmp_path, shakespeare_files):
