@@ -1,4 +1,7 @@
-"""`qovaryx-train`: model initialisation/export (training arrives with the trainer issue)."""
+"""`qovaryx-train`: model initialisation/export (training arrives with the trainer issue).
+
+Thin: each command parses its options and calls one library function (qovaryx_model.hf).
+"""
 from __future__ import annotations
 
 import click
@@ -7,6 +10,40 @@ import click
 @click.group()
 def main() -> None:
     """Create, export and (later) train Qovaryx models."""
+
+
+@main.command("init")
+@click.option("--preset", required=True, type=click.Choice(["debug", "50m", "350m", "1b"]), help="model size (card shapes)")
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="tokenizer folder written by `qovaryx-data train-bpe`")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="new folder to write (must not exist or be empty)")
+@click.option("--dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int, help="torch seed for the random init")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="config override, e.g. --set ffn_kind=ternary_swiglu --set mtp_k=1 (repeatable)")
+def init(preset: str, tokenizer_dir: str, out: str, dtype: str, seed: int, overrides: tuple[str, ...]) -> None:
+    """Write a random-init scratch-base folder loadable with AutoModelForCausalLM (trust_remote_code=True)."""
+    import json
+
+    from .hf import init_scratch_base, read_config
+    from .model import parameter_counts
+    from .config import QovaryxConfig
+
+    kw = {}
+    for item in overrides:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r}: expected FIELD=VALUE", param_hint="--set")
+        key, value = item.split("=", 1)
+        try:
+            kw[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kw[key] = value  # a bare string such as ternary_swiglu
+    try:
+        path = init_scratch_base(preset, tokenizer_dir, out, dtype=dtype, seed=seed, **kw)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    cfg = QovaryxConfig.from_dict(read_config(path))
+    click.echo(f"wrote {path} ({parameter_counts(cfg)['total']:,} parameters, vocab {cfg.vocab_size}, {dtype})")
 
 
 if __name__ == "__main__":

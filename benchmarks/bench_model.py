@@ -1,0 +1,106 @@
+"""CPU benchmark of qovaryx_model against transformers' LlamaForCausalLM of the same shape.
+
+Prints ratios measured in this run (higher tokens/s ratio = we are faster):
+  1. training step (forward + backward) tokens/s, ours with MTP off (mtp_k=1) vs Llama   (goal >= 1.0x)
+  2. cost of MTP-K=4 on top: step time mtp_k=4 / mtp_k=1
+  3. greedy decode tokens/s with a KV cache, ours vs Llama                              (goal >= 1.0x)
+  4. step time of each FFN backend / swiglu                            (goal: ternary <= 1.5x)
+
+    .venv/bin/python benchmarks/bench_model.py            # ~2-3 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_model.py --quick    # smaller repeat counts
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qovaryx_model import QovaryxConfig, QovaryxForCausalLM
+
+SHAPE = dict(d_model=256, n_layer=4, n_head=8, n_kv_head=2, d_ff=704, vocab_size=8192)
+
+
+def ours(**kw) -> QovaryxForCausalLM:
+    return QovaryxForCausalLM(QovaryxConfig(**{**SHAPE, "max_seq_len": 2048, "ffn_rank": 64, **kw}))
+
+
+def llama() -> LlamaForCausalLM:
+    cfg = LlamaConfig(hidden_size=SHAPE["d_model"], num_hidden_layers=SHAPE["n_layer"],
+                      num_attention_heads=SHAPE["n_head"], num_key_value_heads=SHAPE["n_kv_head"],
+                      intermediate_size=SHAPE["d_ff"], vocab_size=SHAPE["vocab_size"], max_position_embeddings=2048,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg)
+
+
+def time_all(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin so that a change in machine
+    load (other jobs on a shared box) hits every candidate alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def train_step(model, ids):
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+    return step
+
+
+def decode(model, prompt, n_new):
+    def run():
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                 pad_token_id=1, eos_token_id=None)
+        assert out.shape[1] == prompt.shape[1] + n_new
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    args = ap.parse_args()
+    reps = 3 if args.quick else 7
+    torch.manual_seed(0)
+    ids = torch.randint(8, SHAPE["vocab_size"], (args.batch, args.seq))
+    print(f"shape {SHAPE}, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+
+    base = llama().train()
+    models = {"llama": base, "mtp1": ours(mtp_k=1).train(), "mtp4": ours(mtp_k=4).train()}
+    for kind in ("ternary_swiglu", "lowrank_swiglu", "routed_lowrank_swiglu"):
+        models[kind] = ours(mtp_k=1, ffn_kind=kind).train()
+    t = time_all({k: train_step(m, ids) for k, m in models.items()}, reps)
+    ntok = ids.numel()
+    print(f"\n[1] train step fwd+bwd: ours(mtp_k=1) {ntok / t['mtp1']:,.0f} tok/s, Llama {ntok / t['llama']:,.0f} tok/s "
+          f"-> ratio ours/Llama = {t['llama'] / t['mtp1']:.2f}x (goal >= 1.0)")
+    print(f"[2] MTP-K=4 cost: step time mtp_k=4 / mtp_k=1 = {t['mtp4'] / t['mtp1']:.2f}x "
+          f"({ntok / t['mtp4']:,.0f} tok/s)")
+    print("[4] FFN backends, train step time vs swiglu (mtp_k=1):")
+    for kind in ("ternary_swiglu", "lowrank_swiglu", "routed_lowrank_swiglu"):
+        goal = " (goal <= 1.5; the card admits ~3x)" if kind == "ternary_swiglu" else ""
+        print(f"    {kind:<22} {t[kind] / t['mtp1']:.2f}x{goal}")
+
+    n_new = 64
+    prompt = ids[:1, :32]
+    base.eval(), models["mtp1"].eval()
+    d = time_all({"llama": decode(base, prompt, n_new), "ours": decode(models["mtp1"], prompt, n_new)},
+                 max(3, reps // 2), warmup=1)
+    print(f"[3] greedy decode with KV cache (batch 1, prompt 32, {n_new} new): ours {n_new / d['ours']:,.0f} tok/s, "
+          f"Llama {n_new / d['llama']:,.0f} tok/s -> ratio ours/Llama = {d['llama'] / d['ours']:.2f}x (goal >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""transformers integration: Auto registration, self-contained export, the scratch-base folder,
+and the packed ternary weight file.
+
+An exported folder holds config.json (with `auto_map`), model.safetensors, generation_config.json,
+the modeling source (config.py, model.py, ffn.py, heads.py), tokenizer files and README.md, and
+loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where qovaryx is not
+installed. Weights are safetensors only; nothing here unpickles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
+
+from .config import QovaryxConfig
+from .ffn import BitLinear, pack_ternary, ternary_quantize, unpack_ternary
+from .model import QovaryxForCausalLM, QovaryxModel, parameter_counts
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TERNARY_FORMAT, TERNARY_VERSION = "qovaryx-ternary-packed", "1"
+
+# Default sampling parameters written to generation_config.json (random-init model: just sensible defaults).
+DEFAULT_SAMPLING = dict(do_sample=True, temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=256,
+                        repetition_penalty=1.0)
+
+
+def register() -> None:
+    """Register with the Auto classes and mark the classes so save_pretrained writes `auto_map` + source."""
+    AutoConfig.register(QovaryxConfig.model_type, QovaryxConfig, exist_ok=True)
+    AutoModel.register(QovaryxConfig, QovaryxModel, exist_ok=True)
+    AutoModelForCausalLM.register(QovaryxConfig, QovaryxForCausalLM, exist_ok=True)
+    QovaryxConfig.register_for_auto_class("AutoConfig")
+    QovaryxModel.register_for_auto_class("AutoModel")
+    QovaryxForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A local tokenizer folder (tokenizer.json [+ tokenizer_config.json]) as a fast HF tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json; pass the folder `qovaryx-data train-bpe` wrote")
+    if (path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+
+
+def _atomic_dir(out: Path):
+    """A temp folder beside `out`; call `commit()` to move it into place (refuses a non-empty `out`)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+    def commit():
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+
+    return tmp, commit
+
+
+def export_pretrained(model: QovaryxForCausalLM, out: str | os.PathLike, tokenizer=None,
+                      generation: dict | None = None, readme: str | None = None) -> Path:
+    """Write a self-contained, loadable folder (atomically: a temp folder renamed into place)."""
+    out = Path(out)
+    tmp, commit = _atomic_dir(out)
+    try:
+        cfg = model.config
+        ids = dict(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+        model.generation_config = GenerationConfig(**{**DEFAULT_SAMPLING, **(generation or {}), **ids})
+        # save_pretrained adds AutoConfig and AutoModelForCausalLM; AutoModel (the bare trunk) is added here
+        cfg.auto_map = {**(getattr(cfg, "auto_map", None) or {}), "AutoModel": "model.QovaryxModel"}
+        model.save_pretrained(tmp)  # safetensors + config.json (auto_map) + modeling source + generation_config
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(readme if readme is not None else model_card(cfg), encoding="utf-8")
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def init_scratch_base(preset: str, tokenizer_dir: str | os.PathLike, out: str | os.PathLike,
+                      dtype: str = "fp32", seed: int = 0, **overrides) -> Path:
+    """`qovaryx-train init`: a random-init model of `preset` sized to the tokenizer, exported to `out`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+    tok = load_tokenizer(tokenizer_dir)
+    special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if getattr(tok, k) is not None}
+    cfg = QovaryxConfig.from_preset(preset, vocab_size=len(tok), **special, **overrides)
+    torch.manual_seed(seed)
+    model = QovaryxForCausalLM(cfg).to(DTYPES[dtype])
+    return export_pretrained(model, out, tokenizer=tok, readme=model_card(cfg, preset=preset, dtype=dtype))
+
+
+def model_card(cfg: QovaryxConfig, preset: str | None = None, dtype: str | None = None) -> str:
+    counts = parameter_counts(cfg)
+    name = f"qovaryx-{preset}-scratch-base" if preset else "qovaryx"
+    return f"""---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags: [from-scratch, random-init, scratch-base, causal-lm, gqa, mtp, swiglu]
+---
+# {name} (random init)
+
+**Not trained: this model emits noise.** It is the random-init starting point written by
+`qovaryx-train init`{f" (preset `{preset}`, dtype {dtype})" if preset else ""}.
+
+| field | value |
+|---|---|
+| parameters | {counts['total']:,} (trunk {counts['trunk_blocks']:,}, embedding {counts['embedding']:,}, head {counts['lm_head']:,}, MTP {counts['mtp_modules']:,}) |
+| d_model / n_layer / n_head / n_kv_head / d_ff | {cfg.d_model} / {cfg.n_layer} / {cfg.n_head} / {cfg.n_kv_head} / {cfg.d_ff} |
+| vocab | {cfg.vocab_size} |
+| ffn_kind | {cfg.ffn_kind} |
+| mtp_k | {cfg.mtp_k} (main head + {cfg.mtp_k - 1} MTP depths; `generate` uses the main head) |
+| tie_embeddings | {cfg.tie_embeddings} |
+| decision head / chart-patch encoder | {cfg.decision_head_enabled} / {cfg.chart_patch_encoder_enabled} |
+
+Initialization: Xavier/Glorot uniform for Linear and Conv2d, Xavier normal for the embedding,
+norms at 1, biases at 0.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(PATH)
+model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
+out = model(**tok("hello", return_tensors="pt"), labels=tok("hello", return_tensors="pt").input_ids)
+print(out.loss, out.lm_loss, out.mtp_loss)
+```
+
+License: Apache-2.0.
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# packed ternary weights
+# ---------------------------------------------------------------------------------------------
+def export_ternary_packed(model: QovaryxForCausalLM, path: str | os.PathLike) -> Path:
+    """Write every BitLinear weight as 2-bit codes + scale, other tensors as they are (safetensors).
+
+    For a ternary weight `name` (e.g. `model.layers.0.mlp.up_proj.weight`):
+      `name.packed` uint8 (ceil(numel / 4),) codes, see ffn.pack_ternary for the bit layout;
+      `name.scale` float32 (1,) the per-tensor gamma = mean|W|; `name.shape` int64 (ndim,).
+    W_q = unpack(name.packed, name.shape) * name.scale reproduces the forward's weight exactly.
+    Metadata: format, format_version, and the model config as JSON.
+    """
+    path = Path(path)
+    ternary = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, BitLinear)}
+    tensors = {}
+    for name, p in model.state_dict().items():
+        if name in ternary:
+            codes, gamma = ternary_quantize(p.float())
+            tensors[f"{name}.packed"] = pack_ternary(codes)
+            tensors[f"{name}.scale"] = gamma.reshape(1).float()
+            tensors[f"{name}.shape"] = torch.tensor(p.shape, dtype=torch.int64)
+        else:
+            tensors[name] = p.detach().contiguous()
+    meta = {"format": TERNARY_FORMAT, "format_version": TERNARY_VERSION,
+            "config": model.config.to_json_string(use_diff=False)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_ternary_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a packed ternary file back into a state dict with dequantized ternary weights."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != TERNARY_FORMAT or meta.get("format_version") != TERNARY_VERSION:
+            raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+                             f"expected {TERNARY_FORMAT!r} version {TERNARY_VERSION!r}")
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    out = {}
+    for k, v in raw.items():
+        if k.endswith(".packed"):
+            base = k[: -len(".packed")]
+            shape = tuple(raw[base + ".shape"].tolist())
+            out[base] = unpack_ternary(v, shape) * raw[base + ".scale"]
+        elif not k.endswith((".scale", ".shape")):
+            out[k] = v
+    return out
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))

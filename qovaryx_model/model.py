@@ -1,0 +1,493 @@
+"""The Qovaryx decoder: pre-norm RMSNorm, RoPE, GQA attention (SDPA or flash-attn 2), pluggable
+FFN, DeepSeek-V3 multi-token prediction, an optional decision head and chart-patch prefix.
+
+Shapes: B batch, T text tokens, N image-prefix tokens, S = N + T, H query heads, KV key/value
+heads, hd head_dim, d d_model, V vocab. This file, config.py, ffn.py and heads.py are copied into
+every exported model folder, so they import only torch, transformers and each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput
+
+from .config import QovaryxConfig
+from .ffn import build_ffn
+from .heads import DecisionHead, MTPDepth, PatchEncoder
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """(B, S) integer positions -> cos, sin of shape (B, 1, S, hd) (computed in float32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions[..., None].float() * inv_freq  # (B, S, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, S, hd)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Llama/NeoX layout): x (B, h, S, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class AttnMask:
+    """How attention is masked in one forward.
+
+    dense: bool (B, 1, Tq, Tk), True = may attend, or None; is_causal: plain causal (SDPA's fast path);
+    positions: (B, Tq) positions, used to cut flash-attn varlen segments when `varlen` is set;
+    flash_ok: no padding anywhere, so flash-attn (dense causal or varlen) can be used.
+    """
+
+    dense: torch.Tensor | None
+    is_causal: bool
+    positions: torch.Tensor | None = None
+    varlen: bool = False
+    flash_ok: bool = False
+
+    def truncate(self, start: int, length: int) -> "AttnMask":
+        """The mask for the sub-sequence [start, start + length) of a cache-free forward (MTP depths)."""
+        dense = None if self.dense is None else self.dense[..., start:start + length, start:start + length]
+        pos = None if self.positions is None else self.positions[:, start:start + length]
+        return AttnMask(dense, self.is_causal, pos, self.varlen, self.flash_ok)
+
+
+def build_mask(valid: torch.Tensor | None, docs: torch.Tensor | None, positions: torch.Tensor,
+               q_len: int, past: int) -> AttnMask:
+    """valid: (B, past + q_len) real-token mask or None; docs: (B, q_len) document ids or None."""
+    if valid is None and docs is None:
+        if past == 0 or q_len == 1:  # plain causal, or one new token that sees the whole cache
+            return AttnMask(None, is_causal=past == 0 and q_len > 1, flash_ok=True)
+    device = positions.device
+    i = torch.arange(q_len, device=device)[:, None] + past  # (Tq, 1) absolute query index
+    j = torch.arange(past + q_len, device=device)[None, :]  # (1, Tk)
+    m = (j <= i)[None, None]  # (1, 1, Tq, Tk) causal
+    if valid is not None:
+        m = m & valid[:, None, None, :]
+    if docs is not None:
+        m = m & (docs[:, None, :, None] == docs[:, None, None, :])
+    m = m | (j == i)[None, None]  # every query sees itself: padded rows stay finite, never NaN
+    flash_ok = valid is None or bool(valid.all())
+    return AttnMask(m, is_causal=False, positions=positions, varlen=docs is not None, flash_ok=flash_ok)
+
+
+def positions_for(valid: torch.Tensor, docs: torch.Tensor | None) -> torch.Tensor:
+    """Positions counting real tokens only, restarting at 0 at each document start. (B, S) -> (B, S).
+
+    >>> positions_for(torch.tensor([[1, 1, 1, 1, 1]]).bool(), torch.tensor([[0, 0, 1, 1, 1]])).tolist()
+    [[0, 1, 0, 1, 2]]
+    """
+    B, S = valid.shape
+    idx = torch.arange(S, device=valid.device).expand(B, S)
+    count = valid.long().cumsum(1)  # real tokens up to and including s
+    if docs is None:
+        return (count - 1).clamp(min=0)
+    start = torch.ones_like(valid)
+    start[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(1).values  # index of the doc's first token
+    before = (count - valid.long()).gather(1, first)  # real tokens before the document starts
+    return (count - 1 - before).clamp(min=0)
+
+
+_FLASH = None
+
+
+def _flash_attn():
+    """flash_attn module or None (imported lazily: it only exists on CUDA machines)."""
+    global _FLASH
+    if _FLASH is None:
+        try:
+            import flash_attn
+
+            _FLASH = flash_attn
+        except ImportError:
+            _FLASH = False
+    return _FLASH or None
+
+
+def attend(q, k, v, mask: AttnMask, backend: str) -> torch.Tensor:
+    """q (B, H, Tq, hd), k/v (B, KV, Tk, hd) -> (B, H, Tq, hd). GQA without repeating K/V."""
+    if backend == "flash" and mask.flash_ok and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        fa = _flash_attn()
+        if fa is not None:
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, h, hd)
+            if not mask.varlen:  # causal is bottom-right aligned in flash-attn >= 2.1, so caches work
+                return fa.flash_attn_func(qt, kt, vt, causal=True).transpose(1, 2)
+            B, T = mask.positions.shape
+            starts = torch.nonzero(mask.positions.reshape(-1) == 0).flatten()
+            cu = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
+            max_len = int((cu[1:] - cu[:-1]).max())
+            out = fa.flash_attn_varlen_func(qt.reshape(B * T, *qt.shape[2:]), kt.reshape(B * T, *kt.shape[2:]),
+                                            vt.reshape(B * T, *vt.shape[2:]), cu, cu, max_len, max_len, causal=True)
+            return out.view(B, T, *out.shape[1:]).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QovaryxConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.backend = layer_idx, config.attn_backend
+        self.n_head, self.n_kv, self.hd = config.n_head, config.n_kv_head, config.head_dim
+        d = config.d_model
+        self.q_proj = nn.Linear(d, self.n_head * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hd, d, bias=False)
+
+    def forward(self, x, rope, mask: AttnMask, cache: Cache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, KV, past + T, hd)
+        y = attend(q, k, v, mask, self.backend)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class QovaryxBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: QovaryxConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.d_model, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = nn.RMSNorm(config.d_model, eps=config.rms_norm_eps)
+        self.mlp = build_ffn(config)
+
+    def forward(self, x, rope, mask: AttnMask, cache=None, token_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)  # (B, S, d)
+        y, aux = self.mlp(self.post_attention_layernorm(x), token_mask)
+        return x + y, aux
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class QovaryxCausalLMOutput(ModelOutput):
+    """`loss` is the total the optimizer sees; every term is also returned on its own."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, T, V) text positions only (no image prefix)
+    cache: Cache | None = None
+    lm_loss: torch.Tensor | None = None  # main next-token cross-entropy
+    mtp_loss: torch.Tensor | None = None  # mean over MTP depths (unweighted)
+    mtp_losses: torch.Tensor | None = None  # (mtp_k - 1,) per depth
+    moe_aux_loss: torch.Tensor | None = None  # load balancing, mean over layers (unweighted)
+    moe_z_loss: torch.Tensor | None = None  # router z-loss, mean over layers (unweighted)
+    expert_load: torch.Tensor | None = None  # (n_layer, ffn_experts) fraction of routed slots
+    decision_loss: torch.Tensor | None = None  # CE (+ calibration term), unweighted
+    decision_logits: torch.Tensor | None = None  # (B, 4)
+    decision_probs: torch.Tensor | None = None  # (B, 4)
+    hidden_states: torch.Tensor | None = None  # (B, S, d) final-normed, prefix included
+
+
+@dataclass
+class Trunk:
+    """What the trunk hands to the heads."""
+
+    h: torch.Tensor  # (B, S, d) residual stream after the last block (pre final norm)
+    rope: tuple  # cos, sin (B, 1, S, hd)
+    mask: AttnMask
+    n_prefix: int  # N, image-prefix tokens at the start of every row (0 without images)
+    docs: torch.Tensor | None  # (B, T) document ids of the text tokens
+    router: list  # per-layer router stats (routed FFN only)
+    cache: Cache | None
+
+
+class QovaryxPreTrainedModel(PreTrainedModel):
+    config_class = QovaryxConfig
+    config: QovaryxConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["QovaryxBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Glorot/Xavier per layer kind: uniform for Linear and Conv2d, normal for the embedding;
+        biases 0, norms 1, patch position embeddings N(0, 0.02)."""
+        gain = self.config.initializer_gain
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.xavier_uniform_(module.weight, gain=gain)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.xavier_normal_(module.weight, gain=gain)
+        elif isinstance(module, nn.RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, PatchEncoder):
+            init.normal_(module.pos, std=0.02)
+
+
+class QovaryxModel(QovaryxPreTrainedModel):
+    """Embedding (+ optional image prefix), the blocks, the final norm."""
+
+    def __init__(self, config: QovaryxConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.patch_encoder = (PatchEncoder(config.image_channels, config.image_size, config.patch_size, config.d_model)
+                              if config.chart_patch_encoder_enabled else None)
+        self.layers = nn.ModuleList(QovaryxBlock(config, i) for i in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def trunk(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+              document_ids=None, pixel_values=None, image_mask=None, use_cache=False) -> Trunk:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        B, T, _ = x.shape
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        if document_ids is not None and past:
+            raise ValueError("document_ids cannot be combined with a KV cache: pass them for training forwards only")
+        valid = attention_mask.bool() if attention_mask is not None else None  # (B, past + T)
+
+        n_prefix = 0
+        if pixel_values is not None:  # image prefix: (B, N, d) before the text, masked out for rows without one
+            if self.patch_encoder is None:
+                raise ValueError("pixel_values given but chart_patch_encoder_enabled=False in the model config")
+            if cache is not None:
+                raise ValueError("pixel_values cannot be used with a KV cache (generation with images is not supported)")
+            prefix = self.patch_encoder(pixel_values).to(x.dtype)
+            n_prefix = prefix.shape[1]
+            has_img = (image_mask.bool() if image_mask is not None
+                       else torch.ones(B, dtype=torch.bool, device=x.device))
+            text_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            valid = torch.cat([has_img[:, None].expand(B, n_prefix), text_valid], dim=1)  # (B, S)
+            x = torch.cat([prefix, x], dim=1)  # (B, S, d)
+
+        docs = document_ids
+        full_docs = None
+        if docs is not None:  # the prefix belongs to the row's first document
+            full_docs = torch.cat([docs[:, :1].expand(B, n_prefix), docs], dim=1)  # (B, S)
+        S = x.shape[1]
+        if position_ids is None:
+            if valid is None and full_docs is None:
+                position_ids = (torch.arange(S, device=x.device) + past).expand(B, S)
+            else:
+                v = valid if valid is not None else torch.ones(B, S, dtype=torch.bool, device=x.device)
+                position_ids = positions_for(v, full_docs)[:, -S:]
+        rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = build_mask(valid, full_docs, position_ids, S, past)
+        token_mask = valid[:, -S:] if valid is not None else None  # real tokens, for router statistics
+
+        router = []
+        for block in self.layers:
+            x, aux = block(x, rope, mask, cache, token_mask)
+            if aux is not None:
+                router.append(aux)
+        return Trunk(x, rope, mask, n_prefix, docs, router, cache)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, past_key_values=None, **kwargs):
+        t = self.trunk(input_ids, attention_mask, position_ids, cache if cache is not None else past_key_values,
+                       inputs_embeds, use_cache=bool(use_cache), **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(t.h), cache=t.cache)
+
+
+class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
+    """The causal LM with MTP depths and optional heads. `FinanceDecoder` is its legacy alias."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: QovaryxConfig):
+        super().__init__(config)
+        self.model = QovaryxModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            MTPDepth(config.d_model, config.rms_norm_eps, QovaryxBlock(config, config.n_layer + k))
+            for k in range(config.n_mtp_modules)
+        )
+        self.decision_head = DecisionHead(config.d_model, config.decision_num_classes) \
+            if config.decision_head_enabled else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) or (B, past + T) during generation
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,  # (B, T), unshifted, -100 = no loss
+        use_cache: bool | None = None,
+        document_ids: torch.LongTensor | None = None,  # (B, T)
+        pixel_values: torch.Tensor | None = None,  # (B, C, H, W) uint8
+        image_mask: torch.Tensor | None = None,  # (B,) bool
+        decision_labels: torch.LongTensor | None = None,  # (B,), -100 = unlabeled
+        decision_positions: torch.LongTensor | None = None,  # (B,) index into the text tokens
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,  # transformers < 5.x name of `cache`
+        **kwargs,
+    ) -> QovaryxCausalLMOutput:
+        cfg = self.config
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = cfg.use_cache and labels is None and pixel_values is None and not self.training
+        t = self.model.trunk(input_ids, attention_mask, position_ids, cache, inputs_embeds, document_ids,
+                             pixel_values, image_mask, use_cache)
+        hidden = self.model.norm(t.h)  # (B, S, d)
+        text = hidden[:, t.n_prefix:]  # (B, T, d): no LM loss or logits on the image prefix
+        out = QovaryxCausalLMOutput(cache=t.cache if use_cache else None, hidden_states=hidden)
+        T = text.shape[1]
+
+        keep = text[:, -logits_to_keep:] if (logits_to_keep and labels is None) else text
+        out.logits = self.lm_head(keep)  # (B, T or logits_to_keep, V)
+
+        terms = []  # (weight, loss) that make up out.loss
+        if labels is not None:
+            out.lm_loss = self._ce(out.logits[:, :-1], self._targets(labels, t.docs, 1))
+            terms.append((1.0, out.lm_loss))
+            if len(self.mtp) and T > 2:
+                out.mtp_losses = torch.stack(self._mtp_losses(t, input_ids, labels))
+                out.mtp_loss = out.mtp_losses.mean()
+                terms.append((cfg.mtp_weight, out.mtp_loss))
+            if t.router:
+                out.moe_aux_loss = torch.stack([r["aux_loss"] for r in t.router]).mean()
+                out.moe_z_loss = torch.stack([r["z_loss"] for r in t.router]).mean()
+                terms += [(cfg.moe_aux_weight, out.moe_aux_loss), (cfg.moe_z_weight, out.moe_z_loss)]
+        if t.router:
+            out.expert_load = torch.stack([r["load"] for r in t.router])  # (n_layer, E)
+
+        if self.decision_head is not None and (decision_positions is not None or decision_labels is not None):
+            if decision_positions is None:
+                raise ValueError("decision_labels given without decision_positions (index of the pooled text token)")
+            if bool(((decision_positions < 0) | (decision_positions >= T)).any()):
+                raise ValueError(f"decision_positions must index the text tokens 0..{T - 1}; got {decision_positions.tolist()}")
+            out.decision_logits = self.decision_head(text, decision_positions)  # (B, C) float32
+            out.decision_probs = out.decision_logits.softmax(-1)
+            if decision_labels is not None:
+                out.decision_loss = self._decision_loss(out.decision_logits, out.decision_probs, decision_labels)
+                terms.append((cfg.decision_weight, out.decision_loss))
+        elif decision_labels is not None:
+            raise ValueError("decision_labels given but decision_head_enabled=False in the model config")
+
+        if terms:
+            out.loss = sum(w * l for w, l in terms)
+        return out
+
+    # --- losses -----------------------------------------------------------------------------
+    @staticmethod
+    def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy in float32; 0 (with a graph) when no target is valid."""
+        if not bool((targets != IGNORE).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+    @staticmethod
+    def _targets(labels: torch.Tensor, docs: torch.Tensor | None, ahead: int) -> torch.Tensor:
+        """Targets for predicting `ahead` tokens past each position: labels[:, ahead:], with targets in
+        another document than the predicting position ignored. (B, T) -> (B, T - ahead)."""
+        tgt = labels[:, ahead:]
+        if docs is not None:
+            tgt = tgt.masked_fill(docs[:, ahead:] != docs[:, :-ahead], IGNORE)
+        return tgt
+
+    def _mtp_losses(self, t: Trunk, input_ids: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """DeepSeek-V3 MTP: depth k (1..K-1) at position i sees h^{k-1}_i and emb(t_{i+k}) and
+        predicts t_{i+k+1}; sequences shrink by one per depth, so targets never pass the window end."""
+        if input_ids is None:
+            raise ValueError("MTP losses need input_ids (the embedding of the tokens ahead)")
+        T = input_ids.shape[1]
+        h = t.h[:, t.n_prefix:]  # (B, T, d) text part of the trunk's residual stream
+        cos, sin = t.rope
+        losses = []
+        for k, depth in enumerate(self.mtp, start=1):
+            L = T - k  # positions 0..L-1 have a token k ahead
+            if L < 2:
+                break
+            x = depth.combine(h[:, :L], self.model.embed_tokens(input_ids[:, k:]))  # (B, L, d)
+            rope = (cos[:, :, t.n_prefix:t.n_prefix + L], sin[:, :, t.n_prefix:t.n_prefix + L])
+            mask = t.mask.truncate(t.n_prefix, L)
+            if mask.dense is None and not mask.is_causal:  # cannot happen without a cache, keep it causal
+                mask.is_causal = True
+            h, _ = depth.block(x, rope, mask)  # (B, L, d); router stats of MTP blocks are not used
+            logits = self.lm_head(depth.norm(h[:, :L - 1]))  # (B, L-1, V): predicts t_{i+k+1}
+            losses.append(self._ce(logits, self._targets(labels, t.docs, k + 1)[:, :L - 1]))
+        return losses
+
+    def _decision_loss(self, logits, probs, labels) -> torch.Tensor:
+        cfg = self.config
+        has = labels != IGNORE
+        if not bool(has.any()):
+            return logits.sum() * 0.0
+        weight = (torch.tensor(cfg.decision_class_weights, dtype=torch.float32, device=logits.device)
+                  if cfg.decision_class_weights is not None else None)
+        loss = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE)
+        if cfg.decision_calibration == "brier" and cfg.calibration_loss_weight > 0:
+            onehot = F.one_hot(labels[has], cfg.decision_num_classes).float()
+            brier = (probs[has] - onehot).square().sum(-1).mean()  # multi-class Brier score, in [0, 2]
+            loss = loss + cfg.calibration_loss_weight * brier
+        return loss
+
+
+FinanceDecoder = QovaryxForCausalLM  # the card's legacy class name
+
+
+def parameter_counts(config: QovaryxConfig) -> dict[str, int]:
+    """Parameter counts by part, built on the meta device (no weights are allocated)."""
+    with torch.device("meta"):
+        model = QovaryxForCausalLM(config)
+    seen: set[int] = set()
+
+    def count(module: nn.Module | None) -> int:
+        if module is None:
+            return 0
+        n = 0
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    parts = {
+        "embedding": count(model.model.embed_tokens),
+        "trunk_blocks": count(model.model.layers),
+        "final_norm": count(model.model.norm),
+        "lm_head": count(model.lm_head),  # 0 when tied (shared with the embedding)
+        "mtp_modules": count(model.mtp),
+        "decision_head": count(model.decision_head),
+        "patch_encoder": count(model.model.patch_encoder),
+    }
+    parts["total"] = sum(parts.values())
+    assert parts["total"] == sum(p.numel() for p in model.parameters()), "every parameter belongs to one part"
+    return parts
+
+
+__all__ = ["QovaryxForCausalLM", "QovaryxModel", "QovaryxPreTrainedModel", "FinanceDecoder", "parameter_counts",
+           "QovaryxCausalLMOutput"]

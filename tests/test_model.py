@@ -1,0 +1,384 @@
+"""qovaryx_model: config, presets and parameter counts, the decoder, FFN backends, MTP, heads."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qovaryx_model import FinanceDecoder, QovaryxConfig, QovaryxForCausalLM, parameter_counts
+from qovaryx_model.ffn import (BitLinear, RoutedLowRankSwiGLU, pack_ternary, quantize_activations,
+                               ternary_quantize, unpack_ternary)
+from qovaryx_model.hf import export_ternary_packed, load_ternary_packed
+from qovaryx_model.model import AttnMask, Attention, apply_rope, positions_for, rope_cos_sin
+
+FFN_KINDS = ["swiglu", "ternary_swiglu", "lowrank_swiglu", "routed_lowrank_swiglu"]
+V = 512  # small vocab keeps the debug model quick
+
+
+def debug(**kw) -> QovaryxConfig:
+    return QovaryxConfig.from_preset("debug", vocab_size=V, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# config, presets, parameter counts
+# ---------------------------------------------------------------------------------------------
+def expected_count(d, L, h, kv, ff, vocab=20242, tied=False, mtp_modules=3) -> int:
+    """Independent arithmetic for a dense SwiGLU model (see docs/MODEL.md)."""
+    hd = d // h
+    attn = d * d + 2 * d * kv * hd + d * d  # q, k, v, o
+    block = attn + 3 * d * ff + 2 * d  # + SwiGLU + two RMSNorms
+    emb = vocab * d
+    mtp = 2 * d * d + block + 3 * d  # proj 2d->d, one block, three norms
+    return L * block + emb + (0 if tied else emb) + d + mtp_modules * mtp
+
+
+@pytest.mark.parametrize("preset,shape", [
+    ("50m", (512, 12, 8, 2, 1408)), ("350m", (1024, 24, 16, 4, 2816)), ("1b", (2048, 22, 16, 4, 5504))])
+def test_preset_shapes_and_counts_on_meta(preset, shape):
+    cfg = QovaryxConfig.from_preset(preset)
+    assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.d_ff, cfg.vocab_size) == (*shape, 20242)
+    assert parameter_counts(cfg)["total"] == expected_count(*shape)
+
+
+def test_card_figures_and_the_settings_that_reproduce_them():
+    # 350m: the defaults (untied head, MTP-K=4 -> three MTP modules) give the card's ~352M
+    assert parameter_counts(QovaryxConfig.from_preset("350m"))["total"] == 352_161_792
+    # 1b: untied, no MTP modules gives ~1.05B (1.058B)
+    assert parameter_counts(QovaryxConfig.from_preset("1b", mtp_k=1))["total"] == 1_057_654_784
+    # 50m: nearest is a tied head with one MTP module (47.5M); the default settings give 64.6M
+    assert parameter_counts(QovaryxConfig.from_preset("50m", tie_embeddings=True, mtp_k=2))["total"] == 47_538_176
+    assert parameter_counts(QovaryxConfig.from_preset("50m"))["total"] == 64_591_872
+
+
+def test_config_hf_names_and_round_trip():
+    cfg = debug(ffn_kind="routed_lowrank_swiglu")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.tie_word_embeddings) == (64, 2, 4, 2, 176, False)
+    assert QovaryxConfig(hidden_size=128, n_head=4).d_model == 128  # HF names are accepted as input too
+    back = QovaryxConfig.from_dict(cfg.to_dict())
+    assert back.to_dict() == cfg.to_dict()
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (0, 0, 1)
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(n_kv_head=3), "n_kv_head"), (dict(n_head=5), "n_head"), (dict(ffn_kind="moe"), "ffn_kind"),
+    (dict(ffn_kind="routed_lowrank_swiglu", ffn_top_k=5), "ffn_top_k"),
+    (dict(ffn_kind="lowrank_swiglu", ffn_rank=0), "ffn_rank"), (dict(attn_backend="xformers"), "attn_backend"),
+    (dict(chart_patch_encoder_enabled=True, patch_size=5), "patch_size"), (dict(mtp_k=0), "mtp_k"),
+    (dict(decision_class_weights=[1.0, 2.0]), "decision_class_weights"), (dict(mtp_weight=-1.0), "mtp_weight"),
+])
+def test_invalid_config_names_the_field(kw, field):
+    with pytest.raises(ValueError, match=rf"QovaryxConfig\.{field}="):
+        debug(**kw)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        QovaryxConfig.from_preset("huge")
+
+
+# ---------------------------------------------------------------------------------------------
+# forward / backward for every backend, heads on and off
+# ---------------------------------------------------------------------------------------------
+def full_batch(cfg: QovaryxConfig, B=2, T=24, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, cfg.vocab_size, (B, T), generator=g)
+    docs = torch.zeros(B, T, dtype=torch.long)
+    docs[0, 10:] = 1  # row 0 holds two documents
+    batch = dict(input_ids=ids, labels=ids.clone(), document_ids=docs)
+    if cfg.chart_patch_encoder_enabled:
+        s = cfg.image_size
+        batch["pixel_values"] = torch.randint(0, 256, (B, cfg.image_channels, s, s), generator=g, dtype=torch.uint8)
+        batch["image_mask"] = torch.tensor([True, False])
+    if cfg.decision_head_enabled:
+        batch["decision_labels"] = torch.tensor([2, -100])
+        batch["decision_positions"] = torch.tensor([T - 1, 5])
+    return batch
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["no-heads", "heads"])
+@pytest.mark.parametrize("kind", FFN_KINDS)
+def test_shapes_and_every_parameter_gets_gradient(kind, heads):
+    torch.manual_seed(0)
+    cfg = debug(ffn_kind=kind, decision_head_enabled=heads, chart_patch_encoder_enabled=heads, image_channels=1,
+                calibration_loss_weight=0.2)
+    model = QovaryxForCausalLM(cfg)
+    batch = full_batch(cfg)
+    out = model(**batch)
+    B, T = batch["input_ids"].shape
+    assert out.logits.shape == (B, T, V)  # text positions only, even with an image prefix
+    assert out.mtp_losses.shape == (cfg.mtp_k - 1,)
+    expected = out.lm_loss + cfg.mtp_weight * out.mtp_loss
+    if kind == "routed_lowrank_swiglu":
+        assert out.expert_load.shape == (cfg.n_layer, cfg.ffn_experts)
+        torch.testing.assert_close(out.expert_load.sum(-1), torch.ones(cfg.n_layer))
+        expected = expected + cfg.moe_aux_weight * out.moe_aux_loss + cfg.moe_z_weight * out.moe_z_loss
+    if heads:
+        assert out.decision_probs.shape == (B, 4)
+        torch.testing.assert_close(out.decision_probs.sum(-1), torch.ones(B))
+        expected = expected + cfg.decision_weight * out.decision_loss
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    if kind == "routed_lowrank_swiglu":  # an expert that got no token this batch has no gradient, by design
+        dead = [n for n in dead if ".experts." not in n]
+    assert dead == []
+    if kind == "routed_lowrank_swiglu":
+        assert all(model.model.layers[i].mlp.router.weight.grad.abs().sum() > 0 for i in range(cfg.n_layer))
+
+
+def test_router_gets_gradient_from_task_loss_alone_with_top1():
+    torch.manual_seed(0)
+    cfg = debug(ffn_kind="routed_lowrank_swiglu", ffn_top_k=1, moe_aux_weight=0.0, moe_z_weight=0.0, mtp_k=1)
+    model = QovaryxForCausalLM(cfg)
+    ids = torch.randint(8, V, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+
+
+def test_legacy_alias_and_hf_loss_convention():
+    assert FinanceDecoder is QovaryxForCausalLM
+    model = FinanceDecoder(debug(mtp_k=1))
+    ids = torch.randint(8, V, (2, 12))
+    out = model(input_ids=ids, labels=ids)
+    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: GQA, RoPE, masking
+# ---------------------------------------------------------------------------------------------
+def test_gqa_equals_explicit_kv_repetition():
+    torch.manual_seed(0)
+    cfg = debug()
+    attn = Attention(cfg, 0)
+    B, T, H, KV, hd = 2, 10, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    x = torch.randn(B, T, cfg.d_model)
+    pos = torch.arange(T).expand(B, T)
+    rope = rope_cos_sin(pos, hd, cfg.rope_theta, x.dtype)
+    ours = attn(x, rope, AttnMask(None, is_causal=True))
+
+    q = apply_rope(attn.q_proj(x).view(B, T, H, hd).transpose(1, 2), *rope)
+    k = apply_rope(attn.k_proj(x).view(B, T, KV, hd).transpose(1, 2), *rope)
+    v = attn.v_proj(x).view(B, T, KV, hd).transpose(1, 2)
+    k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # (B, H, T, hd)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    ref = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * hd))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_rope_is_relative():
+    """q.k after RoPE depends only on the position difference."""
+    hd = 16
+    q, k = torch.randn(1, 1, 1, hd), torch.randn(1, 1, 1, hd)
+
+    def dot(pq, pk):
+        cq, sq = rope_cos_sin(torch.tensor([[pq]]), hd, 10000.0, torch.float32)
+        ck, sk = rope_cos_sin(torch.tensor([[pk]]), hd, 10000.0, torch.float32)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    torch.testing.assert_close(dot(7, 3), dot(104, 100))
+    assert not torch.allclose(dot(7, 3), dot(7, 4))
+
+
+def test_positions_restart_per_document_and_skip_padding():
+    valid = torch.tensor([[0, 0, 1, 1, 1, 1]]).bool()
+    assert positions_for(valid, None).tolist() == [[0, 0, 0, 1, 2, 3]]
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    assert positions_for(torch.ones(1, 6, dtype=torch.bool), docs).tolist() == [[0, 1, 2, 0, 1, 0]]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+def test_document_masking_equals_separate_documents(backend):
+    """A packed row with document_ids gives the same logits and loss terms as each document alone;
+    `flash` falls back to SDPA here (no CUDA / flash-attn) with the same results."""
+    torch.manual_seed(0)
+    model = QovaryxForCausalLM(debug(attn_backend=backend)).eval()
+    a, b = torch.randint(8, V, (1, 9)), torch.randint(8, V, (1, 13))
+    packed = torch.cat([a, b], 1)
+    docs = torch.tensor([[0] * 9 + [1] * 13])
+    out = model(input_ids=packed, labels=packed, document_ids=docs)
+    oa, ob = model(input_ids=a, labels=a), model(input_ids=b, labels=b)
+    torch.testing.assert_close(out.logits, torch.cat([oa.logits, ob.logits], 1), atol=1e-5, rtol=1e-4)
+    # loss terms are means over valid targets: (len - 1 - k) targets per document at depth k
+    for k in range(4):
+        na, nb = 9 - 1 - k, 13 - 1 - k
+        la, lb, lp = ((o.lm_loss if k == 0 else o.mtp_losses[k - 1]) for o in (oa, ob, out))
+        torch.testing.assert_close(lp, (na * la + nb * lb) / (na + nb), atol=1e-5, rtol=1e-4)
+
+
+def test_padding_does_not_change_real_tokens():
+    torch.manual_seed(0)
+    model = QovaryxForCausalLM(debug(mtp_k=1)).eval()
+    ids = torch.randint(8, V, (1, 11))
+    padded = torch.cat([ids, torch.full((1, 5), 1)], 1)  # right padding with <|pad|>
+    mask = torch.cat([torch.ones(1, 11), torch.zeros(1, 5)], 1).long()
+    ref = model(input_ids=ids).logits
+    got = model(input_ids=padded, attention_mask=mask).logits[:, :11]
+    assert torch.isfinite(model(input_ids=padded, attention_mask=mask).logits).all()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_targets_crossing_documents_are_ignored():
+    labels = torch.tensor([[10, 11, 12, 13, 14]])
+    docs = torch.tensor([[0, 0, 0, 1, 1]])
+    assert QovaryxForCausalLM._targets(labels, docs, 1).tolist() == [[11, 12, -100, 14]]
+    assert QovaryxForCausalLM._targets(labels, docs, 2).tolist() == [[12, -100, -100]]
+    assert QovaryxForCausalLM._targets(labels, None, 2).tolist() == [[12, 13, 14]]
+
+
+def test_mtp_depth_sees_the_token_k_ahead():
+    """Depth 1 at position i combines h_i with emb(t_{i+1}) and predicts t_{i+2}: changing t_{i+1}
+    changes its loss even with the trunk's contribution fixed."""
+    torch.manual_seed(0)
+    model = QovaryxForCausalLM(debug(mtp_k=2)).eval()
+    ids = torch.randint(8, V, (1, 12))
+    base = model(input_ids=ids, labels=ids)
+    assert base.mtp_losses.shape == (1,) and torch.isfinite(base.mtp_losses).all()
+    labels_last_only = torch.full_like(ids, -100)
+    labels_last_only[0, -1] = ids[0, -1]  # only t_11 is a target: main head from position 10, depth 1 from 9
+    out = model(input_ids=ids, labels=labels_last_only)
+    logits_d1 = None
+    h = model.model.trunk(ids).h
+    x = model.mtp[0].combine(h[:, :11], model.model.embed_tokens(ids[:, 1:]))
+    cos, sin = rope_cos_sin(torch.arange(11)[None], model.config.head_dim, model.config.rope_theta, x.dtype)
+    hk, _ = model.mtp[0].block(x, (cos, sin), AttnMask(None, is_causal=True))
+    logits_d1 = model.lm_head(model.mtp[0].norm(hk))[0, 9]
+    torch.testing.assert_close(out.mtp_losses[0], F.cross_entropy(logits_d1[None], ids[0, -1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# ternary and routed backends
+# ---------------------------------------------------------------------------------------------
+def test_ternary_forward_uses_three_levels_and_int8_activations():
+    torch.manual_seed(0)
+    lin = BitLinear(32, 16, bias=False)
+    wq = lin.quantized_weight().detach()
+    gamma = lin.weight.abs().mean()
+    levels = torch.unique(wq)
+    assert len(levels) == 3
+    torch.testing.assert_close(levels, torch.stack([-gamma, torch.zeros(()), gamma]).detach())
+    x = torch.randn(4, 5, 32) * 3
+    xq = quantize_activations(x)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    codes = xq / step
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)  # integers
+    assert codes.abs().max() <= 127 + 1e-4
+    torch.testing.assert_close(lin(x), F.linear(xq, wq))
+
+
+def test_ternary_straight_through_gradient():
+    torch.manual_seed(0)
+    lin = BitLinear(8, 4, bias=False)
+    x = torch.randn(3, 8, requires_grad=True)
+    g = torch.randn(3, 4)
+    lin(x).backward(g)
+    xq, wq = quantize_activations(x).detach(), lin.quantized_weight().detach()
+    torch.testing.assert_close(lin.weight.grad, g.T @ xq)  # dL/dW as if W_q = W
+    torch.testing.assert_close(x.grad, g @ wq)  # dL/dx as if x_q = x
+
+
+def test_pack_ternary_round_trip_and_export(tmp_path):
+    codes = torch.randint(-1, 2, (7, 5)).float()
+    packed = pack_ternary(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(35 / 4)
+    assert torch.equal(unpack_ternary(packed, (7, 5)), codes)
+    assert pack_ternary(torch.tensor([-1, 0, 1, 1, 0])).tolist() == [164, 85]
+
+    torch.manual_seed(0)
+    model = QovaryxForCausalLM(debug(ffn_kind="ternary_swiglu", mtp_k=1))
+    path = export_ternary_packed(model, tmp_path / "ternary.safetensors")
+    sd = load_ternary_packed(path)
+    for name, mod in model.named_modules():
+        if isinstance(mod, BitLinear):
+            torch.testing.assert_close(sd[f"{name}.weight"], mod.quantized_weight().detach(), atol=0, rtol=0)
+    torch.testing.assert_close(sd["model.embed_tokens.weight"], model.model.embed_tokens.weight.detach())
+    cq, _ = ternary_quantize(model.model.layers[0].mlp.up_proj.weight)
+    assert set(cq.unique().tolist()) <= {-1.0, 0.0, 1.0}
+
+
+def test_ternary_file_version_is_checked(tmp_path):
+    from safetensors.torch import save_file
+    p = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(1)}, str(p), metadata={"format": "qovaryx-ternary-packed", "format_version": "9"})
+    with pytest.raises(ValueError, match="version '9'.*expected"):
+        load_ternary_packed(p)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_aux_loss_is_minimal_for_uniform_router(top_k):
+    torch.manual_seed(0)
+    moe = RoutedLowRankSwiGLU(32, 64, 8, n_experts=4, top_k=top_k)
+    x = torch.randn(2, 50, 32)
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform probabilities
+    _, aux = moe(x)
+    torch.testing.assert_close(aux["aux_loss"], torch.tensor(1.0))
+    torch.testing.assert_close(aux["z_loss"], torch.tensor(math.log(4) ** 2))
+    for seed in range(3):  # any non-uniform router scores higher
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            moe.router.weight.normal_(0, 1.0)
+        _, aux = moe(x)
+        assert aux["aux_loss"] > 1.0
+    with torch.no_grad():  # all tokens strongly preferring expert 0: near the maximum E / top_k
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 50.0
+    _, aux = moe(x.abs())
+    assert aux["aux_loss"] > 0.9 * 4 / top_k and aux["load"][0] >= 1 / top_k - 1e-6
+
+
+def test_moe_statistics_ignore_padding():
+    torch.manual_seed(0)
+    moe = RoutedLowRankSwiGLU(16, 32, 4, n_experts=4, top_k=1)
+    x = torch.randn(1, 8, 16)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    _, a = moe(x, mask)
+    _, b = moe(x[:, :5])
+    torch.testing.assert_close(a["aux_loss"], b["aux_loss"])
+    torch.testing.assert_close(a["load"], b["load"])
+
+
+# ---------------------------------------------------------------------------------------------
+# decision head and chart-patch encoder
+# ---------------------------------------------------------------------------------------------
+def test_decision_loss_known_answer_and_errors():
+    torch.manual_seed(0)
+    cfg = debug(mtp_k=1, decision_head_enabled=True, decision_class_weights=[1.0, 2.0, 1.0, 0.5],
+                calibration_loss_weight=0.2)
+    model = QovaryxForCausalLM(cfg)
+    ids = torch.randint(8, V, (3, 10))
+    pos, lab = torch.tensor([9, 4, 0]), torch.tensor([1, -100, 3])
+    out = model(input_ids=ids, decision_positions=pos, decision_labels=lab)
+    w = torch.tensor(cfg.decision_class_weights)
+    ce = F.cross_entropy(out.decision_logits, lab, weight=w, ignore_index=-100)
+    onehot = F.one_hot(torch.tensor([1, 3]), 4).float()
+    brier = (out.decision_probs[[0, 2]] - onehot).square().sum(-1).mean()
+    torch.testing.assert_close(out.decision_loss, ce + 0.2 * brier)
+    torch.testing.assert_close(out.loss, cfg.decision_weight * out.decision_loss)
+    hidden = model.model.norm(model.model.trunk(ids).h)
+    torch.testing.assert_close(out.decision_logits[1], model.decision_head.proj(hidden[1, 4]))
+    with pytest.raises(ValueError, match="decision_positions must index"):
+        model(input_ids=ids, decision_positions=torch.tensor([10, 0, 0]))
+    with pytest.raises(ValueError, match="decision_head_enabled=False"):
+        QovaryxForCausalLM(debug())(input_ids=ids, decision_labels=lab, decision_positions=pos)
+
+
+def test_rows_without_image_get_no_prefix():
+    torch.manual_seed(0)
+    cfg = debug(mtp_k=2, chart_patch_encoder_enabled=True, image_channels=1)
+    model = QovaryxForCausalLM(cfg).eval()
+    ids = torch.randint(8, V, (2, 12))
+    pix = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    out = model(input_ids=ids, labels=ids, pixel_values=pix, image_mask=torch.tensor([True, False]))
+    alone = model(input_ids=ids[1:], labels=ids[1:])
+    torch.testing.assert_close(out.logits[1:], alone.logits, atol=1e-5, rtol=1e-4)  # row 1: as if text only
+    with_img = model(input_ids=ids[:1], pixel_values=pix[:1])
+    torch.testing.assert_close(out.logits[:1], with_img.logits, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(with_img.logits, model(input_ids=ids[:1]).logits)  # the image is seen
+    assert out.hidden_states.shape[1] == cfg.n_image_tokens + 12 == 16 + 12
+    with pytest.raises(ValueError, match=r"expected \(B, 1, 28, 28\)"):
+        model(input_ids=ids, pixel_values=torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
