@@ -48,6 +48,10 @@ BYTE_ALPHABET_SIZE = 256        # ByteLevel maps each byte to one visible symbol
 TOKENIZER_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
 META_FILE = "qovaryx_tokenizer.json"
+# Tokenizer files of other layouts that transformers would read besides (or instead of) ours;
+# train_bpe removes them from --out so the folder holds one tokenizer only.
+STALE_HF_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                  "tokenizer.model")
 META_FORMAT = "qovaryx-tokenizer"
 META_VERSION = 1                # major version of qovaryx_tokenizer.json; readers refuse another
 HASH_VERSION = 1                # version of the hash definition below; part of the hashed bytes
@@ -204,6 +208,8 @@ def train_bpe(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             f"{new_hash[:16]}): choose another --out, or pass --force to replace it")
 
     out.mkdir(parents=True, exist_ok=True)
+    for name in STALE_HF_FILES:   # left by other tools; transformers would read them over ours
+        (out / name).unlink(missing_ok=True)
     _atomic_write(out / TOKENIZER_FILE, lambda tmp: tokenizer.save(str(tmp), pretty=True))
     _atomic_write(out / HF_CONFIG_FILE, _dumps(_hf_config(cfg)))
     meta = {
@@ -221,6 +227,7 @@ def train_bpe(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         "documents": stats["documents"],
         "characters": stats["characters"],
         "qovaryx_version": _qovaryx_version(),
+        "tokenizers_version": _tokenizers_version(),
     }
     _atomic_write(out / META_FILE, _dumps(meta))   # written last: its presence marks a complete folder
     return TrainResult(out=out, vocab_size=reached, hash=new_hash, documents=stats["documents"],
@@ -327,9 +334,13 @@ def load_tokenizer(path: str | os.PathLike):
         meta = read_meta(meta_file.parent)
         got = tokenizer_hash(tok)
         if meta.get("hash") != got:
-            raise TokenizerError(
-                f"{file} does not match {meta_file}: hash {got[:16]} != recorded "
-                f"{str(meta.get('hash'))[:16]}; the folder was edited or mixed up, retrain it")
+            why = "the folder was edited or mixed up; retrain it"
+            if meta.get("tokenizers_version") not in (None, _tokenizers_version()):
+                why = (f"it was written with tokenizers {meta['tokenizers_version']}, this is "
+                       f"{_tokenizers_version()}, which may serialize it differently; use that "
+                       f"version or retrain")
+            raise TokenizerError(f"{file} does not match {meta_file}: hash {got[:16]} != recorded "
+                                 f"{str(meta.get('hash'))[:16]}; {why}")
     return tok
 
 
@@ -444,6 +455,12 @@ def _dumps(obj: Any) -> str:
 def _show(inputs: Sequence[str]) -> str:
     shown = ", ".join(inputs[:3])
     return shown + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+
+
+def _tokenizers_version() -> str:
+    import tokenizers
+
+    return tokenizers.__version__
 
 
 def _qovaryx_version() -> str:

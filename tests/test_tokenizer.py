@@ -92,6 +92,8 @@ def test_full_size_vocab_and_contract_ids(shakespeare_tokenizer):
     assert (meta["bos_token_id"], meta["eos_token_id"], meta["pad_token_id"]) == (0, 0, 1)
     assert meta["special_tokens"] == {t: i for i, t in enumerate(CONTRACT_SPECIALS)}
     assert meta["config"]["min_frequency"] == T.DEFAULT_MIN_FREQUENCY
+    import tokenizers
+    assert meta["tokenizers_version"] == tokenizers.__version__
 
 
 @pytest.mark.parametrize("name", sorted(HARD_STRINGS))
@@ -270,6 +272,30 @@ def test_min_frequency_only_decides_when_to_stop(kjv_lines, tmp_path):
     many = train_bpe([str(kjv_lines)], out=tmp_path / "many", vocab_size=800, split="line",
                      min_frequency=500, allow_smaller_vocab=True)
     assert 264 < many.vocab_size < 800
+
+
+def test_deterministic_with_one_thread(kjv_lines, tmp_path):
+    """The result does not depend on the trainer's parallelism (TOKENIZERS_PARALLELISM=false)."""
+    par = train_bpe([str(kjv_lines)], out=tmp_path / "par", vocab_size=1000, split="line")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAYON_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "qovaryx_data.cli", "train-bpe", str(kjv_lines),
+                        "--out", str(tmp_path / "seq"), "--vocab-size", "1000", "--split", "line"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert par.hash in r.stdout
+    assert (tmp_path / "seq" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "par" / "tokenizer.json").read_bytes()
+
+
+def test_stale_tokenizer_files_removed(kjv_lines, tmp_path):
+    out = tmp_path / "t"
+    out.mkdir()
+    for name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+        _write(out / name, '{"eos_token": "</s>"}')
+    _write(out / "notes.md", "mine")
+    train_bpe([str(kjv_lines)], out=out, vocab_size=300, split="line")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "notes.md", "qovaryx_tokenizer.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_all_input_formats_give_the_same_tokenizer(kjv_lines, tmp_path):
@@ -486,7 +512,10 @@ def test_load_tokenizer_refuses_bad_folders(small_tokenizer, tmp_path):
     spec = json.loads((d / "tokenizer.json").read_text())
     spec["model"]["merges"] = spec["model"]["merges"][:-1]
     (d / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(TokenizerError, match="does not match"):
+    with pytest.raises(TokenizerError, match="does not match.*edited or mixed up"):
+        load_tokenizer(d)
+    (d / "qovaryx_tokenizer.json").write_text(json.dumps(dict(meta, tokenizers_version="0.1.0")))
+    with pytest.raises(TokenizerError, match="written with tokenizers 0.1.0"):
         load_tokenizer(d)
     assert isinstance(load_tokenizer(small_tokenizer), Tokenizer)
 
