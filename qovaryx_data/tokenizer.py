@@ -83,7 +83,10 @@ class BpeConfig:
         object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
         n_special = len(self.all_special_tokens)
         least = BYTE_ALPHABET_SIZE + n_special
-        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < least:
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
+            raise TokenizerConfigError(f"vocab_size={self.vocab_size!r} must be an integer "
+                                       f"(default {DEFAULT_VOCAB_SIZE})")
+        if self.vocab_size < least:
             raise TokenizerConfigError(
                 f"vocab_size={self.vocab_size!r} is too small: a byte-level vocabulary needs the "
                 f"{BYTE_ALPHABET_SIZE} byte symbols plus {n_special} special tokens, so at least "
@@ -208,6 +211,8 @@ def train_bpe(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             f"{new_hash[:16]}): choose another --out, or pass --force to replace it")
 
     out.mkdir(parents=True, exist_ok=True)
+    # No metadata while the other files change: an interrupted run leaves an incomplete folder.
+    (out / META_FILE).unlink(missing_ok=True)
     for name in STALE_HF_FILES:   # left by other tools; transformers would read them over ours
         (out / name).unlink(missing_ok=True)
     _atomic_write(out / TOKENIZER_FILE, lambda tmp: tokenizer.save(str(tmp), pretty=True))
