@@ -146,6 +146,28 @@ def test_collate_real_batch(fm):
     assert batch["decision_labels"][0] == -100
 
 
+def test_collate_batch_drives_the_model(fm):
+    """The batch contract end to end: packed rows -> collate -> QovaryxForCausalLM forward and
+    backward with the patch encoder and the decision head on (debug preset, 28x28 grey)."""
+    import torch
+
+    from qovaryx_model import QovaryxConfig, QovaryxForCausalLM
+
+    ds = fm["ds"]
+    torch.manual_seed(0)
+    cfg = QovaryxConfig.from_preset("debug", vocab_size=2048, image_channels=1,
+                                    chart_patch_encoder_enabled=True, decision_head_enabled=True)
+    model = QovaryxForCausalLM(cfg)
+    start = int(ds.doc_offsets[int(ds.text_doc_indices[-N_VERSES])])
+    examples = [text_window(ds, start, 48)] + [row_example(ds, int(i))
+                                                for i in ds.multimodal_doc_indices[:3]]
+    batch = collate(examples)
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and out.decision_logits.shape == (4, 4)
+    out.loss.backward()
+    assert model.model.patch_encoder.conv.weight.grad.abs().sum() > 0
+
+
 def test_resize_and_rgb_in_the_pack(fm, small_tokenizer, tmp_path):
     """A manifest size/mode/policy other than the source's: the packer stores what load_image
     gives for each file (resized once, at pack time), and to_hf exports it as RGB."""
