@@ -71,7 +71,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared CPU a straggling OpenMP thread skews ratios; 0 = torch default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = 3 if args.quick else 7
     torch.manual_seed(0)
     ids = torch.randint(8, SHAPE["vocab_size"], (args.batch, args.seq))

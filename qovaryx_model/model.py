@@ -371,7 +371,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
 
         terms = []  # (weight, loss) that make up out.loss
         if labels is not None:
-            out.lm_loss = self._ce(out.logits[:, :-1], self._targets(labels, t.docs, 1))
+            out.lm_loss = self._ce(out.logits, self._targets(labels, t.docs, 1))
             terms.append((1.0, out.lm_loss))
             if len(self.mtp) and T > 2:
                 out.mtp_losses = torch.stack(self._mtp_losses(t, input_ids, labels))
@@ -411,11 +411,16 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _targets(labels: torch.Tensor, docs: torch.Tensor | None, ahead: int) -> torch.Tensor:
-        """Targets for predicting `ahead` tokens past each position: labels[:, ahead:], with targets in
-        another document than the predicting position ignored. (B, T) -> (B, T - ahead)."""
-        tgt = labels[:, ahead:]
+        """Target of each position for predicting `ahead` tokens past it: labels[:, i + ahead], ignored
+        when it lies in another document or past the window end. (B, T) -> (B, T).
+
+        Kept full length so the logits are never sliced (a slice would cost a (B, T, V) zero-fill
+        and copy in the backward).
+        """
+        tgt = torch.full_like(labels, IGNORE)
+        tgt[:, :-ahead] = labels[:, ahead:]
         if docs is not None:
-            tgt = tgt.masked_fill(docs[:, ahead:] != docs[:, :-ahead], IGNORE)
+            tgt[:, :-ahead].masked_fill_(docs[:, ahead:] != docs[:, :-ahead], IGNORE)
         return tgt
 
     def _mtp_losses(self, t: Trunk, input_ids: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
@@ -437,8 +442,8 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             if mask.dense is None and not mask.is_causal:  # cannot happen without a cache, keep it causal
                 mask.is_causal = True
             h, _ = depth.block(x, rope, mask)  # (B, L, d); router stats of MTP blocks are not used
-            logits = self.lm_head(depth.norm(h[:, :L - 1]))  # (B, L-1, V): predicts t_{i+k+1}
-            losses.append(self._ce(logits, self._targets(labels, t.docs, k + 1)[:, :L - 1]))
+            logits = self.lm_head(depth.norm(h))  # (B, L, V): position i predicts t_{i+k+1}
+            losses.append(self._ce(logits, self._targets(labels, t.docs, k + 1)[:, :L]))  # last one: past the end
         return losses
 
     def _decision_loss(self, logits, probs, labels) -> torch.Tensor:

@@ -225,9 +225,9 @@ def test_padding_does_not_change_real_tokens():
 def test_targets_crossing_documents_are_ignored():
     labels = torch.tensor([[10, 11, 12, 13, 14]])
     docs = torch.tensor([[0, 0, 0, 1, 1]])
-    assert QovaryxForCausalLM._targets(labels, docs, 1).tolist() == [[11, 12, -100, 14]]
-    assert QovaryxForCausalLM._targets(labels, docs, 2).tolist() == [[12, -100, -100]]
-    assert QovaryxForCausalLM._targets(labels, None, 2).tolist() == [[12, 13, 14]]
+    assert QovaryxForCausalLM._targets(labels, docs, 1).tolist() == [[11, 12, -100, 14, -100]]
+    assert QovaryxForCausalLM._targets(labels, docs, 2).tolist() == [[12, -100, -100, -100, -100]]
+    assert QovaryxForCausalLM._targets(labels, None, 2).tolist() == [[12, 13, 14, -100, -100]]
 
 
 def test_mtp_depth_sees_the_token_k_ahead():
