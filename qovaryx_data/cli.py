@@ -91,6 +91,121 @@ def train_bpe_cmd(inputs, out, vocab_size, min_frequency, text_field, split, fmt
 
 # ---- pack / verify / inspect (qovaryx_data.pack, qovaryx_data.reader) ----
 
+@main.command("pack")
+@click.option("--manifest", "manifest", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Pack manifest (YAML); see manifests/example.yaml for every option.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder [default: the manifest's `output:`].")
+@click.option("--workers", type=int, default=None,
+              help="Worker processes [default: all cores]. The output is identical for any value.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar (documents, tokens, tokens/s) on stderr.")
+def pack_cmd(manifest, out, workers, progress) -> None:
+    """Compile the sources of a manifest into a packed, memory-mapped dataset (once).
+
+    Re-running with unchanged inputs does nothing; an interrupted run resumes.
+
+    \b
+    Example:
+      qovaryx-data pack --manifest manifests/shakespeare.yaml --workers 8
+    """
+    from qovaryx_data.pack import pack
+
+    r = pack(manifest, out=out, workers=workers, progress=progress)
+    if r.up_to_date:
+        click.echo(f"{r.out}: up to date, nothing to do ({r.documents:,} documents, "
+                   f"{r.tokens:,} tokens)")
+        return
+    skipped = sum(r.skipped.values())
+    why = ", ".join(f"{k}: {v:,}" for k, v in r.skipped.items())
+    click.echo(f"packed {r.out}: {r.documents:,} documents, {r.tokens:,} tokens in "
+               f"{r.seconds:.1f} s ({r.tokens / max(r.seconds, 1e-9):,.0f} tokens/s); "
+               f"{r.units_done}/{r.units} units tokenized"
+               + (f"; skipped {skipped:,} rows ({why})" if skipped else ""))
+    for split, folder in r.datasets.items():
+        if split:
+            click.echo(f"  {split}: {folder}")
+
+
+@main.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def verify_cmd(path) -> None:
+    """Re-hash every file of the packed dataset at PATH; exit 1 naming each bad file."""
+    from qovaryx_data.reader import verify
+
+    r = verify(path)
+    for f, why in r.bad:
+        click.echo(f"BAD {f}: {why}", err=True)
+    if not r.ok:
+        click.echo(f"{path}: {len(r.bad)} of {r.checked} files do not match dataset.json", err=True)
+        sys.exit(1)
+    click.echo(f"{path}: all {r.checked} files match dataset.json")
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--samples", type=int, default=1, show_default=True,
+              help="Decoded sample documents to show.")
+@click.option("--images", "images_png", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG contact sheet of a few stored images with their labels.")
+def inspect_cmd(path, as_json, samples, images_png) -> None:
+    """Summarize the packed dataset at PATH: counts, sources, skips, lengths, a decoded sample."""
+    import json
+
+    from qovaryx_data.reader import inspect_dataset
+
+    report = inspect_dataset(path, samples=samples)
+    if images_png:
+        _write_contact_sheet(path, images_png)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    for split, r in report.items():
+        click.echo(f"{split}: {r['path']}  (format {r['format_version']}, {r['dtype']}, "
+                   f"{r['shards']} shards)")
+        click.echo(f"  documents {r['documents']:,}   tokens {r['tokens']:,}   mean length "
+                   f"{r['length_mean']:,.1f}")
+        click.echo(f"  tokenizer {r['tokenizer']['hash'][:16]}…  vocab {r['tokenizer']['vocab_size']:,}")
+        for s in r["sources"]:
+            click.echo(f"  source {s['path']}: {s['documents']:,} documents, {s['tokens']:,} "
+                       f"tokens, {s['images']:,} images")
+        click.echo(f"  rows with images {r['rows_with_images']:,}; with an image or a label "
+                   f"{r['rows_with_image_or_label']:,}")
+        if r["decision_counts"]:
+            click.echo("  decision labels: " + ", ".join(f"{k} {v:,}"
+                                                         for k, v in r["decision_counts"].items()))
+        if r["skipped"]:
+            click.echo("  skipped: " + ", ".join(f"{k} {v:,}" for k, v in r["skipped"].items()))
+            for s in r["skipped_sample"][:5]:
+                click.echo(f"    {s['path']} row {s['row']}: {s['reason']}")
+        else:
+            click.echo("  skipped: none")
+        click.echo("  document lengths (tokens):")
+        for h in r["length_histogram"]:
+            click.echo(f"    {h['min']:>9,}-{h['max']:<9,} {h['documents']:>10,}")
+        for s in r["samples"]:
+            click.echo(f"  sample #{s['index']} ({s['source']} row {s['row']}, {s['tokens']} "
+                       f"tokens): {s['text']!r}")
+
+
+def _write_contact_sheet(path, out, n: int = 16) -> None:
+    from qovaryx_data.images import contact_sheet
+    from qovaryx_data.reader import PackedDataset, dataset_folders
+
+    ds = PackedDataset(dataset_folders(path)[0])
+    rows = [int(i) for i in ds.multimodal_doc_indices if ds[int(i)].image is not None][:n]
+    names = ds.decision_names
+    images, labels = [], []
+    for i in rows:
+        d = ds[i]
+        images.append(d.image)
+        labels.append(None if d.decision is None
+                      else (names[d.decision] if names and d.decision < len(names) else str(d.decision)))
+    contact_sheet(images, labels, out)
+    click.echo(f"wrote {out}: {len(images)} images", err=True)
+
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,771 @@
+"""The pack-once compiler: a manifest's sources -> a packed dataset (docs/FORMAT.md).
+
+Two stages, so that the output never depends on the number of workers:
+
+1. **Map.** Sources are cut into fixed-size work units (`sources.plan_units`). A process pool
+   tokenizes each unit (`encode_batch_fast`, one thread per process) and writes it atomically to
+   ``<out>/.work/unit-NNNNNN.npz``: tokens, document lengths, per-row metadata, pixels, skip counts.
+   A unit whose part exists is never redone, so a killed run resumes from its finished units.
+2. **Assemble.** One process streams the parts in unit order into shards of each output dataset
+   (``train``/``val`` with a validation share, else one), rolling to a new shard once a shard holds
+   ``shard_tokens`` tokens. Tokens, offsets, metadata and pixels are appended chunk by chunk (memory
+   does not grow with the corpus); then the tokenizer copy, checksums, and ``dataset.json`` last.
+
+A fingerprint of the inputs (manifest, tokenizer hash, source files' sizes and mtimes, format and
+code version) is stored in ``dataset.json``; a re-run with the same fingerprint does nothing.
+
+    >>> pack("manifests/shakespeare.yaml", workers=2)           # doctest: +SKIP
+    PackResult(out=PosixPath('build/packed/shakespeare'), up_to_date=False, documents=42, ...)
+"""
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from qovaryx_data.errors import QovaryxDataError, SourceError
+from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, META_FORMAT_KEY, META_FORMAT_VALUE,
+                                 META_VERSION_KEY, dtype_name, pack_header, padded, read_header,
+                                 token_dtype, HEADER_SIZE)
+from qovaryx_data.manifest import (DATASET_JSON, NUM_DECISION_CLASSES, PackManifest, load_manifest,
+                                   read_dataset_json, write_dataset_json, write_json_atomic)
+
+PACK_CODE_VERSION = 1          # bump when the packer's output for the same inputs changes
+SKIP_SAMPLE_LIMIT = 100        # (file, row, reason) examples kept in dataset.json
+EOS_TOKEN = "<|endoftext|>"
+WORK_DIR = ".work"
+LOCK_FILE = ".pack.lock"
+# forkserver: workers fork from a clean server (no inherited locks, threads or tokenizer state)
+MP_START = os.environ.get("QOVARYX_MP_START",
+                          "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+
+
+class PackLockedError(QovaryxDataError):
+    """Another pack run holds the output folder's lock."""
+
+
+@dataclass
+class PackResult:
+    out: Path                       # the output folder
+    datasets: dict[str, Path]       # split name ("" without validation) -> dataset folder
+    up_to_date: bool                # True: nothing was done
+    documents: int = 0              # all splits
+    tokens: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    units: int = 0                  # work units in the plan
+    units_done: int = 0             # units tokenized by this run (the rest were resumed)
+    seconds: float = 0.0
+
+
+# ============================================================================ entry point
+
+def pack(manifest: PackManifest | str | os.PathLike, *, out: str | os.PathLike | None = None,
+         workers: int | None = None, progress: bool = True) -> PackResult:
+    """Compile `manifest` into a packed dataset under `out` (default: the manifest's `output`).
+
+    Idempotent (same inputs: returns with ``up_to_date=True``), resumable (finished units are
+    kept in ``<out>/.work``), byte-identical for any `workers`. Raises SourceError for a bad row
+    with ``on_error: fail``, PackLockedError when another pack writes the same output.
+    """
+    t0 = time.perf_counter()
+    m = manifest if isinstance(manifest, PackManifest) else load_manifest(manifest)
+    out_dir = Path(out if out is not None else (m.output or ""))
+    if not str(out_dir) or out is None and m.output is None:
+        raise QovaryxDataError(f"manifest {m.name!r} has no `output:`; give --out DIR")
+    workers = max(1, workers or os.cpu_count() or 1)
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _Lock(out_dir / LOCK_FILE):
+        return _pack_locked(m, out_dir, workers, progress, t0)
+
+
+class _Lock:
+    """An exclusive, non-blocking flock on a file inside the output; released by the OS on death."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise PackLockedError(f"{self.path.parent}: another `qovaryx-data pack` is writing this "
+                                  f"output (lock {self.path} held by pid {holder}); wait for it to "
+                                  f"finish or pack into another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing the descriptor releases the flock
+
+
+# ============================================================================ planning
+
+@dataclass(frozen=True)
+class _Settings:
+    """What a worker needs besides the unit; picklable, sent once per worker."""
+    tokenizer_dir: str
+    source_configs: tuple          # sources.SourceConfig per manifest source (hf fields filled)
+    on_error: str
+    eos_id: int | None             # appended after every document, None: no separator
+    min_tokens: int
+    validation: float
+    dtype: str
+    image_spec: Any                # images.ImageSpec or None
+    work_dir: str
+
+
+def _plan(m: PackManifest):
+    from qovaryx_data import sources
+
+    base = Path(m.base_dir)
+    configs, units, files = [], [], []
+    for i, spec in enumerate(m.sources):
+        cfg = sources.effective_config(spec.source_config(), base)
+        configs.append(cfg)
+        units.extend(sources.plan_units(cfg, i, base, m.unit_bytes, m.unit_rows))
+        for f in sources.resolve_inputs(cfg.path, base, cfg.format):
+            files.extend(_stat_tree(f))
+    return configs, units, files
+
+
+def _stat_tree(p: Path) -> list[list]:
+    paths = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    return [[str(q), q.stat().st_size, q.stat().st_mtime_ns] for q in paths]
+
+
+def _fingerprint(m: PackManifest, tok_hash: str, files: list, configs: list) -> str:
+    man = m.to_json()
+    man.pop("output", None)  # where the output goes does not change what it holds
+    blob = json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                       "pack_code_version": PACK_CODE_VERSION, "manifest": man,
+                       "effective_sources": [repr(c) for c in configs],
+                       "tokenizer_hash": tok_hash, "files": files}, sort_keys=True)
+    return xxhash.xxh3_128_hexdigest(blob.encode())
+
+
+def _is_complete(folder: Path, fingerprint: str) -> bool:
+    try:
+        info = read_dataset_json(folder)
+    except QovaryxDataError:
+        return False
+    if info.get("fingerprint") != fingerprint:
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == f["bytes"]
+               for name, f in info["files"].items())
+
+
+# ============================================================================ the pack run
+
+def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
+                 t0: float) -> PackResult:
+    from qovaryx_data.tokenizer import load_tokenizer, tokenizer_hash
+
+    tok = load_tokenizer(m.tokenizer)
+    tok_hash = tokenizer_hash(tok)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    eos_id = None
+    if m.separator == "eos":
+        eos_id = tok.token_to_id(EOS_TOKEN)
+        if eos_id is None:
+            raise QovaryxDataError(f"{m.tokenizer}: the tokenizer has no {EOS_TOKEN} token, needed "
+                                   f"by `separator: eos`; use a train-bpe tokenizer or "
+                                   f"`separator: none`")
+    configs, units, files = _plan(m)
+    has_images = any(c.image_field for c in configs)
+    image_spec = m.image_spec() if has_images else None
+    fingerprint = _fingerprint(m, tok_hash, files, configs)
+    splits = ["train", "val"] if m.validation > 0 else [""]
+    folders = {s: out_dir / s if s else out_dir for s in splits}
+    result = PackResult(out_dir, folders, up_to_date=True, units=len(units))
+
+    if all(_is_complete(f, fingerprint) for f in folders.values()):
+        infos = [read_dataset_json(f) for f in folders.values()]
+        result.documents = sum(i["num_documents"] for i in infos)
+        result.tokens = sum(i["num_tokens"] for i in infos)
+        result.skipped = infos[0]["skipped"]
+        result.seconds = time.perf_counter() - t0
+        return result
+    result.up_to_date = False
+
+    work = out_dir / WORK_DIR
+    _prepare_work_dir(work, fingerprint)
+    dtype = token_dtype(vocab_size)
+    settings = _Settings(m.tokenizer, tuple(configs), m.on_error, eos_id, m.min_tokens,
+                         m.validation, dtype_name(dtype), image_spec, str(work))
+    for f in folders.values():  # an older, different dataset here is no longer complete
+        f.mkdir(parents=True, exist_ok=True)
+        (f / DATASET_JSON).unlink(missing_ok=True)
+
+    writers = {s: _DatasetWriter(folders[s], dtype, m.shard_tokens, image_spec, len(configs))
+               for s in splits}
+    skipped: Counter = Counter()
+    samples: list[dict] = []
+    file_ids: dict[str, int] = {}
+    bar = _progress_bar(len(units), progress)
+    docs_total = tokens_total = 0
+    try:
+        for k, stats in _run_units(units, settings, workers):
+            if stats["ran"]:
+                result.units_done += 1
+            part = _load_part(_part_path(work, k))
+            meta = part["meta"]
+            skipped.update(meta["skipped"])
+            room = SKIP_SAMPLE_LIMIT - len(samples)
+            samples.extend(meta["samples"][:max(room, 0)])
+            fids = np.array([file_ids.setdefault(p, len(file_ids)) for p in meta["files"]] or [0],
+                            dtype=np.int32)
+            for si, s in enumerate(splits):
+                sel = part["split"] == si if len(splits) > 1 else slice(None)
+                n_docs = writers[s].add(part, sel, fids, units[k].source_index)
+                docs_total += n_docs
+            tokens_total += int(part["lengths"].sum())
+            bar.update(1)
+            bar.set_postfix_str(f"docs={docs_total:,} tokens={tokens_total:,} "
+                                f"tok/s={tokens_total / max(time.perf_counter() - t0, 1e-9):,.0f}",
+                                refresh=False)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+
+    source_files = sorted(file_ids, key=file_ids.get)
+    common = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "created_by": f"qovaryx {_version()} (pack code {PACK_CODE_VERSION})",
+        "name": m.name,
+        "tokenizer": {"path": "tokenizer", "hash": tok_hash, "vocab_size": vocab_size,
+                      "special_tokens": _special_ids(tok)},
+        "dtype": dtype_name(dtype),
+        "separator": {"policy": m.separator, "eos_id": eos_id},
+        "images": ({"shape": list(image_spec.shape), **image_spec.to_dict()}
+                   if image_spec is not None else None),
+        "decision": _decision_info(configs),
+        "source_files": source_files,
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_sample": samples,
+        "fingerprint": fingerprint,
+        "manifest": {k: v for k, v in m.to_json().items() if k != "output"},
+    }
+    for s in splits:
+        writers[s].finish(common, split=s or None, tokenizer_src=Path(m.tokenizer),
+                          sources=[str(c.path) for c in configs])
+    shutil.rmtree(work, ignore_errors=True)
+    result.documents = docs_total
+    result.tokens = tokens_total
+    result.skipped = dict(sorted(skipped.items()))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _version() -> str:
+    from qovaryx_data import __version__
+
+    return __version__
+
+
+def _special_ids(tok) -> dict[str, int]:
+    added = tok.get_added_tokens_decoder()
+    return {added[i].content: int(i) for i in sorted(added) if added[i].special}
+
+
+def _decision_info(configs) -> dict | None:
+    if not any(c.decision_field for c in configs):
+        return None
+    names = next((list(c.decision_labels) for c in configs if c.decision_labels), None)
+    return {"num_classes": NUM_DECISION_CLASSES, "labels": names}
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="unit", desc="pack", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def _prepare_work_dir(work: Path, fingerprint: str) -> None:
+    """Keep the finished units of an interrupted run with the same fingerprint, else start empty."""
+    stamp = work / "fingerprint"
+    if work.exists() and not (stamp.is_file() and stamp.read_text().strip() == fingerprint):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        tmp = work / f".fingerprint.tmp-{os.getpid()}"
+        tmp.write_text(fingerprint + "\n")
+        os.replace(tmp, stamp)
+
+
+def _part_path(work: Path, k: int) -> Path:
+    return work / f"unit-{k:06d}.npz"
+
+
+def _run_units(units, settings: _Settings, workers: int):
+    """Yield (unit index, stats) in unit order; units with a finished part are not redone."""
+    work = Path(settings.work_dir)
+    pending = [k for k in range(len(units)) if not _part_path(work, k).is_file()]
+    if workers <= 1 or len(pending) <= 1:
+        _init_worker(settings, in_process=True)
+        results = (_process_unit((k, units[k])) for k in pending)
+        pool = None
+    else:
+        ctx = mp.get_context(MP_START)
+        if MP_START == "forkserver":
+            ctx.set_forkserver_preload(["qovaryx_data.pack"])
+        pool = ctx.Pool(min(workers, len(pending)), initializer=_init_worker, initargs=(settings,))
+        results = pool.imap(_process_unit, [(k, units[k]) for k in pending], chunksize=1)
+    try:
+        it = iter(results)
+        pending_set = set(pending)
+        for k in range(len(units)):
+            if k in pending_set:
+                status, payload = next(it)
+                if status == "error":
+                    raise _rebuild_error(payload)
+                yield k, {"ran": True, **payload}
+            else:
+                yield k, {"ran": False}
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def _rebuild_error(payload: dict) -> Exception:
+    """Worker exceptions travel as plain data (keyword-only attributes do not pickle)."""
+    import importlib
+
+    cls = getattr(importlib.import_module(payload["module"]), payload["cls"])
+    return cls(payload["message"], path=payload["path"], row=payload["row"],
+               reason=payload["reason"])
+
+
+# ============================================================================ worker side
+
+_W: dict[str, Any] = {}
+
+
+def _init_worker(settings: _Settings, in_process: bool = False) -> None:
+    if not in_process:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+        _die_with_parent()
+    from qovaryx_data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(settings.tokenizer_dir)
+    tok.encode_special_tokens = True   # "<|endoftext|>" inside a document is text, not a separator
+    _W.clear()
+    _W.update(settings=settings, tok=tok, dtype=np.dtype(settings.dtype))
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when its parent dies (a killed pack leaves no orphans)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:          # the parent died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
+def _process_unit(arg) -> tuple[str, dict]:
+    k, unit = arg
+    try:
+        return "ok", _tokenize_unit(k, unit)
+    except SourceError as e:
+        return "error", {"module": type(e).__module__, "cls": type(e).__name__,
+                         "message": str(e), "path": e.path, "row": e.row, "reason": e.reason}
+
+
+def _tokenize_unit(k: int, unit) -> dict:
+    """Read, tokenize and store one unit as a part file; returns its counts."""
+    from qovaryx_data.sources import Skipped, iter_unit
+
+    s: _Settings = _W["settings"]
+    cfg = s.source_configs[unit.source_index]
+    skip = s.on_error == "skip"
+    skipped: Counter = Counter()
+    samples: list[dict] = []
+
+    def record(path, row, reason, message):
+        skipped[reason] += 1
+        if len(samples) < SKIP_SAMPLE_LIMIT:
+            samples.append({"path": path, "row": row, "reason": reason, "message": message})
+
+    rows, images = [], []
+    for item in iter_unit(unit, cfg, s.on_error):
+        if isinstance(item, Skipped):
+            record(item.path, item.row, item.reason, item.message)
+            continue
+        pixels = None
+        if item.image is not None:
+            try:
+                pixels = _load_image(item, s.image_spec)
+            except SourceError as e:
+                if not skip:
+                    raise
+                record(e.path or item.path, e.row if e.row is not None else item.row, e.reason,
+                       str(e))
+                continue
+        rows.append(item)
+        images.append(pixels)
+
+    tok = _W["tok"]
+    encs = tok.encode_batch_fast([r.text for r in rows], add_special_tokens=False) if rows else []
+    keep_ids, lengths, split, row_no, files, decision, position, has_image = ([] for _ in range(8))
+    kept_pixels = []
+    file_ids: dict[str, int] = {}
+    val_cut = int(s.validation * 2 ** 64)
+    for r, enc, pixels in zip(rows, encs, images):
+        ids = enc.ids
+        n_text = len(ids)
+        multimodal = pixels is not None or r.decision is not None
+        if not multimodal and n_text < s.min_tokens:
+            record(r.path, r.row, "too_short", f"{r.path} row {r.row}: {n_text} tokens, fewer "
+                   f"than min_tokens = {s.min_tokens}")
+            continue
+        if s.eos_id is not None:
+            ids.append(s.eos_id)
+        pos = -1
+        if r.decision is not None:
+            pos = len(ids) - 1 if r.decision_position is None else r.decision_position
+            if not 0 <= pos < (n_text if r.decision_position is not None else len(ids)):
+                e = SourceError(f"{r.path} row {r.row}: decision position {r.decision_position} "
+                                f"is outside the row's {n_text} text tokens (0..{n_text - 1}); "
+                                f"fix the position field or the text", path=r.path, row=r.row,
+                                reason="bad_position")
+                if not skip:
+                    raise e
+                record(r.path, r.row, e.reason, str(e))
+                continue
+        h = xxhash.xxh3_64(r.text.encode("utf-8", "surrogatepass"))
+        if pixels is not None:
+            h.update(pixels.tobytes())
+        if r.decision is not None:
+            h.update(bytes([r.decision]))
+        split.append(1 if h.intdigest() < val_cut else 0)
+        keep_ids.append(ids)
+        lengths.append(len(ids))
+        row_no.append(r.row)
+        files.append(file_ids.setdefault(r.path, len(file_ids)))
+        decision.append(-1 if r.decision is None else r.decision)
+        position.append(pos)
+        has_image.append(pixels is not None)
+        if pixels is not None:
+            kept_pixels.append(pixels)
+
+    total = sum(lengths)
+    tokens = np.fromiter(chain.from_iterable(keep_ids), dtype=_W["dtype"], count=total)
+    shape = s.image_spec.shape if s.image_spec is not None else (0, 0, 0)
+    pix = (np.stack(kept_pixels) if kept_pixels else np.zeros((0, *shape), np.uint8))
+    meta = {"unit": k, "files": list(file_ids), "skipped": dict(skipped), "samples": samples}
+    arrays = dict(tokens=tokens, lengths=np.array(lengths, np.int64),
+                  split=np.array(split, np.uint8), row=np.array(row_no, np.int64),
+                  file_id=np.array(files, np.int32), decision=np.array(decision, np.int8),
+                  position=np.array(position, np.int64), has_image=np.array(has_image, bool),
+                  pixels=pix, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    _write_part(_part_path(Path(s.work_dir), k), arrays)
+    return {"documents": len(lengths), "tokens": total}
+
+
+def _load_image(row, spec):
+    from qovaryx_data.images import load_image
+
+    root = Path(row.path).parent if Path(row.path).is_file() else Path(row.path)
+    return load_image(row.image, root=root, spec=spec, where=f"{row.path} row {row.row}",
+                      source=row.path, row=row.row)
+
+
+def _write_part(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_part(path: Path) -> dict:
+    with np.load(path) as z:
+        part = {k: z[k] for k in z.files}
+    part["meta"] = json.loads(part["meta"].tobytes())
+    return part
+
+
+# ============================================================================ assembling
+
+_META_SCHEMA = None
+
+
+def meta_schema():
+    """Arrow schema of shard-NNNNN.meta.arrow (one row per document)."""
+    import pyarrow as pa
+
+    global _META_SCHEMA
+    if _META_SCHEMA is None:
+        _META_SCHEMA = pa.schema(
+            [pa.field("source", pa.int16(), nullable=False),      # index into dataset.json sources
+             pa.field("file", pa.int32(), nullable=False),        # index into source_files
+             pa.field("row", pa.int64(), nullable=False),         # row/line within that file
+             pa.field("decision", pa.int8()),                     # class 0..3, null: no label
+             pa.field("decision_position", pa.int32()),           # index into the row's tokens
+             pa.field("image", pa.int32())],                      # index into the shard's .img
+            metadata={META_FORMAT_KEY: META_FORMAT_VALUE, META_VERSION_KEY: FORMAT_VERSION.encode()})
+    return _META_SCHEMA
+
+
+class _ShardWriter:
+    """One shard being written: .tok, .idx, .meta.arrow and (if any row has one) .img, temp names."""
+
+    def __init__(self, folder: Path, index: int, dtype: np.dtype, image_shape):
+        import pyarrow as pa
+
+        self.folder, self.index, self.dtype, self.image_shape = folder, index, dtype, image_shape
+        self.stem = f"shard-{index:05d}"
+        self.n_docs = 0
+        self.n_tokens = 0
+        self.n_images = 0
+        self.tok = open(self._tmp(".tok"), "wb")
+        self.tok.write(pack_header("tokens", dtype, 0))
+        self.idx = open(self._tmp(".idx"), "wb")
+        self.idx.write(pack_header("offsets", np.int64, 0))
+        self.idx.write(np.zeros(1, "<i8").tobytes())
+        self.img = None
+        self.meta_sink = pa.OSFile(str(self._tmp(".meta.arrow")), "wb")
+        self.meta = pa.ipc.new_file(self.meta_sink, meta_schema())
+
+    def _tmp(self, ext: str) -> Path:
+        return self.folder / f".{self.stem}{ext}.tmp"
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, source: int, files: np.ndarray,
+            rows: np.ndarray, decision: np.ndarray, position: np.ndarray,
+            has_image: np.ndarray, pixels: np.ndarray) -> None:
+        import pyarrow as pa
+
+        self.tok.write(tokens.astype(self.dtype, copy=False).tobytes())
+        ends = self.n_tokens + np.cumsum(lengths, dtype=np.int64)
+        self.idx.write(ends.astype("<i8").tobytes())
+        img_index = np.full(len(lengths), -1, np.int64)
+        if has_image.any():
+            n = int(has_image.sum())
+            img_index[has_image] = self.n_images + np.arange(n)
+            if self.img is None:
+                self.img = open(self._tmp(".img"), "wb")
+                self.img.write(pack_header("images", np.uint8, 0, self.image_shape))
+            item = int(np.prod(self.image_shape))
+            pad = padded(item) - item
+            flat = pixels.reshape(n, item)
+            if pad:
+                flat = np.concatenate([flat, np.zeros((n, pad), np.uint8)], axis=1)
+            self.img.write(flat.tobytes())
+            self.n_images += n
+        self.meta.write_batch(pa.record_batch([
+            pa.array(np.full(len(lengths), source, np.int16)),
+            pa.array(files, pa.int32()),
+            pa.array(rows, pa.int64()),
+            pa.array(decision, pa.int8(), mask=decision < 0),
+            pa.array(position.astype(np.int32), pa.int32(), mask=position < 0),
+            pa.array(img_index.astype(np.int32), pa.int32(), mask=img_index < 0),
+        ], schema=meta_schema()))
+        self.n_docs += len(lengths)
+        self.n_tokens += int(lengths.sum())
+
+    def close(self) -> dict:
+        """Finish headers and padding, rename into place; returns the shard's dataset.json entry."""
+        _finish(self.tok, pack_header("tokens", self.dtype, self.n_tokens))
+        _finish(self.idx, pack_header("offsets", np.int64, self.n_docs + 1))
+        self.meta.close()
+        self.meta_sink.close()
+        names = {"tokens": f"{self.stem}.tok", "offsets": f"{self.stem}.idx",
+                 "meta": f"{self.stem}.meta.arrow", "images": None}
+        os.replace(self._tmp(".tok"), self.folder / names["tokens"])
+        os.replace(self._tmp(".idx"), self.folder / names["offsets"])
+        os.replace(self._tmp(".meta.arrow"), self.folder / names["meta"])
+        if self.img is not None:
+            _finish(self.img, pack_header("images", np.uint8, self.n_images, self.image_shape))
+            names["images"] = f"{self.stem}.img"
+            os.replace(self._tmp(".img"), self.folder / names["images"])
+        return {**names, "num_documents": self.n_docs, "num_tokens": self.n_tokens,
+                "num_images": self.n_images}
+
+    def abort(self) -> None:
+        for f in (self.tok, self.idx, self.img):
+            if f is not None:
+                f.close()
+        try:
+            self.meta.close()
+        except Exception:  # noqa: BLE001 - best effort cleanup of temp files
+            pass
+        self.meta_sink.close()
+        for ext in (".tok", ".idx", ".img", ".meta.arrow"):
+            self._tmp(ext).unlink(missing_ok=True)
+
+
+def _finish(f: io.BufferedWriter, header: bytes) -> None:
+    """Pad the payload to 8 bytes, write the final header at offset 0, flush to disk, close."""
+    size = f.tell()
+    f.write(b"\0" * (padded(size - HEADER_SIZE) - (size - HEADER_SIZE)))
+    f.seek(0)
+    f.write(header)
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
+class _DatasetWriter:
+    """Streams documents into the shards of one output dataset; documents never span shards."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, shard_tokens: int, image_spec,
+                 n_sources: int):
+        self.folder, self.dtype, self.shard_tokens = folder, dtype, shard_tokens
+        self.image_shape = tuple(image_spec.shape) if image_spec is not None else (0, 0, 0)
+        self.shards: list[dict] = []
+        self.cur: _ShardWriter | None = None
+        self.per_source = [{"documents": 0, "tokens": 0, "images": 0, "decisions": [0] * 4}
+                           for _ in range(n_sources)]
+        self.n_multimodal = 0
+
+    def add(self, part: dict, sel, fids: np.ndarray, source: int) -> int:
+        """Append the documents of `part` selected by `sel`; returns how many."""
+        lengths = part["lengths"][sel]
+        n = len(lengths)
+        if n == 0:
+            return 0
+        ends = np.cumsum(part["lengths"], dtype=np.int64)
+        starts = ends - part["lengths"]
+        tokens = part["tokens"]
+        if not isinstance(sel, slice):
+            # the selected documents' tokens, in order (a copy; the part is small)
+            keep = np.repeat(sel, part["lengths"])
+            tokens = tokens[keep]
+        has_image = part["has_image"]
+        img_rank = np.cumsum(has_image) - 1          # index of each row's pixels in the part
+        cols = {"files": fids[part["file_id"]][sel] if len(part["file_id"]) else part["file_id"][sel],
+                "rows": part["row"][sel], "decision": part["decision"][sel],
+                "position": part["position"][sel], "has_image": has_image[sel],
+                "img_rank": img_rank[sel]}
+        st = self.per_source[source]
+        st["documents"] += n
+        st["tokens"] += int(lengths.sum())
+        st["images"] += int(cols["has_image"].sum())
+        for c in cols["decision"][cols["decision"] >= 0]:
+            st["decisions"][int(c)] += 1
+        self.n_multimodal += int((cols["has_image"] | (cols["decision"] >= 0)).sum())
+        del starts
+
+        i, tok_pos = 0, 0
+        cum = np.cumsum(lengths, dtype=np.int64)
+        while i < n:
+            if self.cur is None:
+                self.cur = _ShardWriter(self.folder, len(self.shards), self.dtype, self.image_shape)
+            room = self.shard_tokens - self.cur.n_tokens
+            base = cum[i - 1] if i else 0
+            # documents i..j-1 go in; the shard rolls after the document that reaches shard_tokens
+            j = int(np.searchsorted(cum, base + room, side="left")) + 1
+            j = min(max(j, i + 1), n)
+            n_tok = int(cum[j - 1] - base)
+            hi = cols["has_image"][i:j]
+            self.cur.add(tokens[tok_pos:tok_pos + n_tok], lengths[i:j], source,
+                         cols["files"][i:j], cols["rows"][i:j], cols["decision"][i:j],
+                         cols["position"][i:j], hi, part["pixels"][cols["img_rank"][i:j][hi]])
+            tok_pos += n_tok
+            i = j
+            if self.cur.n_tokens >= self.shard_tokens:
+                self.shards.append(self.cur.close())
+                self.cur = None
+        return n
+
+    def abort(self) -> None:
+        if self.cur is not None:
+            self.cur.abort()
+            self.cur = None
+
+    def finish(self, common: dict, *, split: str | None, tokenizer_src: Path,
+               sources: list[str]) -> None:
+        if self.cur is not None and (self.cur.n_docs or not self.shards):
+            self.shards.append(self.cur.close())
+        elif self.cur is not None:
+            self.cur.abort()
+        self.cur = None
+        if not self.shards:  # no documents at all: one empty shard keeps readers uniform
+            self.cur = _ShardWriter(self.folder, 0, self.dtype, self.image_shape)
+            self.shards.append(self.cur.close())
+            self.cur = None
+        _copy_tokenizer(tokenizer_src, self.folder / "tokenizer")
+        _remove_stale(self.folder, self.shards)
+        files = {}
+        for sh in self.shards:
+            for key in ("tokens", "offsets", "meta", "images"):
+                if sh[key]:
+                    files[sh[key]] = file_entry(self.folder / sh[key])
+        for p in sorted((self.folder / "tokenizer").iterdir()):
+            files[f"tokenizer/{p.name}"] = file_entry(p)
+        info = dict(common)
+        info.update({
+            "split": split,
+            "num_documents": sum(s["num_documents"] for s in self.shards),
+            "num_tokens": sum(s["num_tokens"] for s in self.shards),
+            "num_multimodal_documents": self.n_multimodal,
+            "num_images": sum(s["num_images"] for s in self.shards),
+            "shard_tokens": self.shard_tokens,
+            "sources": [{"path": p, **st} for p, st in zip(sources, self.per_source)],
+            "shards": self.shards,
+            "files": files,
+        })
+        write_dataset_json(self.folder, info)
+
+
+def file_entry(path: Path) -> dict:
+    """{"bytes": size, "xxh3_128": hex} of one file, streamed in 8 MiB blocks."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "xxh3_128": h.hexdigest()}
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer folder's files (atomically: temp folder, then rename)."""
+    src = Path(src)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if src.is_dir():
+        for p in sorted(src.iterdir()):
+            if p.is_file() and not p.name.startswith("."):
+                shutil.copyfile(p, tmp / p.name)
+    else:
+        shutil.copyfile(src, tmp / "tokenizer.json")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def _remove_stale(folder: Path, shards: list[dict]) -> None:
+    """Delete shard files of an older pack that this one does not list."""
+    keep = {v for sh in shards for k, v in sh.items() if k in ("tokens", "offsets", "meta", "images")
+            and v}
+    for p in folder.glob("shard-*"):
+        if p.name not in keep:
+            p.unlink()

@@ -1,0 +1,368 @@
+"""`PackedDataset`: zero-copy random access to a packed dataset, and `verify` / `inspect_dataset`.
+
+Opening reads dataset.json, checks every listed file's size and each binary header (magic,
+version, dtype, count) and memory-maps the shards: O(number of shards), whatever the number of
+documents. ``ds[i].tokens`` and ``ds.window(start, n)`` inside one shard are numpy views of the
+memmap; per-row metadata (source, row, decision, image index) is read from the memory-mapped
+Arrow file of a shard on its first use.
+
+    >>> ds = PackedDataset("build/packed/shakespeare")          # doctest: +SKIP
+    >>> len(ds), ds.num_tokens, ds[0].tokens[:4]
+    (42, 1456789, memmap([1234,  56, 789,  10], dtype=uint16))
+    >>> ds.window(1000, 2049).shape
+    (2049,)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qovaryx_data.errors import FormatError, IntegrityError, TokenizerError
+from qovaryx_data.format import (HEADER_SIZE, META_FORMAT_KEY, META_FORMAT_VALUE, META_VERSION_KEY,
+                                 FORMAT_MAJOR, read_header)
+from qovaryx_data.manifest import DATASET_JSON, NUM_DECISION_CLASSES, read_dataset_json
+
+
+@dataclass(slots=True)
+class Document:
+    """One row of a packed dataset."""
+    tokens: np.ndarray                 # view into the shard memmap (uint16/uint32), no copy
+    image: np.ndarray | None           # uint8 (H, W, C) view into the .img memmap, or None
+    decision: int | None               # class 0..3, or None
+    decision_position: int | None      # index into tokens where the decision head pools
+    source: str                        # source file the row came from
+    row: int                           # row / line number within that file
+
+
+def _memmap(path: Path, dtype, count: int, shape_tail: tuple = ()) -> np.ndarray:
+    if count == 0:
+        return np.empty((0, *shape_tail), dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count, *shape_tail))
+
+
+class PackedDataset:
+    """A packed dataset folder (the one holding dataset.json), opened read-only.
+
+    `tokenizer` (a tokenizers.Tokenizer, a transformers fast tokenizer or a tokenizer folder):
+    when given, a dataset packed with a different tokenizer (by content hash) is refused.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: Any = None):
+        self.path = Path(path)
+        self.info = read_dataset_json(self.path)
+        if tokenizer is not None:
+            self._check_tokenizer(tokenizer)
+        self._open()
+
+    # ---- opening ----
+    def _open(self) -> None:
+        info, folder = self.info, self.path
+        for name, f in info["files"].items():
+            p = folder / name
+            if not p.is_file():
+                raise FormatError(f"{p}: missing; dataset.json lists it ({f['bytes']} bytes): the "
+                                  f"dataset is damaged, re-run pack")
+            size = p.stat().st_size
+            if size != f["bytes"]:
+                raise FormatError(f"{p}: {size} bytes on disk, dataset.json expects {f['bytes']}: "
+                                  f"the file is truncated or was modified (re-run pack)")
+        self.dtype = np.dtype(info["dtype"]).newbyteorder("<")
+        self._tokens, self._offsets, self._images = [], [], []
+        self.image_shape = tuple(info["images"]["shape"]) if info.get("images") else None
+        for sh in info["shards"]:
+            h = read_header(folder / sh["tokens"], "tokens")
+            if h.dtype != self.dtype or h.count != sh["num_tokens"]:
+                raise FormatError(f"{folder / sh['tokens']}: header says {h.count} tokens of "
+                                  f"{h.dtype.name}, dataset.json expects {sh['num_tokens']} of "
+                                  f"{self.dtype.name}")
+            self._tokens.append(_memmap(folder / sh["tokens"], self.dtype, h.count))
+            h = read_header(folder / sh["offsets"], "offsets")
+            if h.count != sh["num_documents"] + 1:
+                raise FormatError(f"{folder / sh['offsets']}: header says {h.count} offsets, "
+                                  f"dataset.json expects {sh['num_documents'] + 1}")
+            self._offsets.append(_memmap(folder / sh["offsets"], np.dtype("<i8"), h.count))
+            if sh.get("images"):
+                h = read_header(folder / sh["images"], "images")
+                if h.count != sh["num_images"] or tuple(h.item_shape) != self.image_shape:
+                    raise FormatError(f"{folder / sh['images']}: header says {h.count} images of "
+                                      f"{h.item_shape}, dataset.json expects {sh['num_images']} "
+                                      f"of {self.image_shape}")
+                self._images.append(_memmap(folder / sh["images"], np.uint8, h.count,
+                                            (h.item_bytes,)))
+            else:
+                self._images.append(None)
+        self._doc_starts = np.cumsum([0] + [s["num_documents"] for s in info["shards"]])
+        self._tok_starts = np.cumsum([0] + [s["num_tokens"] for s in info["shards"]])
+        self._meta: list[dict | None] = [None] * len(info["shards"])
+        self._doc_offsets = None
+        self._kinds = None
+        self.num_tokens = int(self._tok_starts[-1])
+        self.tokenizer_dir = self.path / info["tokenizer"]["path"]
+        dec = info.get("decision") or {}
+        self.decision_names = dec.get("labels")
+        self.num_decision_classes = dec.get("num_classes", NUM_DECISION_CLASSES)
+        self._source_files = info["source_files"]
+
+    def _check_tokenizer(self, tokenizer: Any) -> None:
+        from qovaryx_data.tokenizer import tokenizer_hash
+
+        got = tokenizer_hash(tokenizer)
+        want = self.info["tokenizer"]["hash"]
+        if got != want:
+            raise TokenizerError(f"{self.path}: packed with tokenizer {want[:16]}…, but the given "
+                                 f"tokenizer is {got[:16]}…; use the tokenizer stored in "
+                                 f"{self.path / 'tokenizer'} or re-pack with yours")
+
+    # ---- pickling: by path (DataLoader workers reopen the memmaps) ----
+    def __getstate__(self):
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state):
+        self.path = Path(state["path"])
+        self.info = read_dataset_json(self.path)
+        self._open()
+
+    # ---- rows ----
+    def __len__(self) -> int:
+        return int(self._doc_starts[-1])
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"document {i} out of range for a dataset of {n} documents")
+        s = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
+        return s, i - int(self._doc_starts[s])
+
+    def _shard_meta(self, s: int) -> dict:
+        m = self._meta[s]
+        if m is None:
+            m = self._meta[s] = _read_meta(self.path / self.info["shards"][s]["meta"])
+        return m
+
+    def __getitem__(self, i: int) -> Document:
+        s, j = self._locate(int(i))
+        off = self._offsets[s]
+        tokens = self._tokens[s][off[j]:off[j + 1]]
+        m = self._shard_meta(s)
+        img_i = int(m["image"][j])
+        image = None
+        if img_i >= 0:
+            h, w, c = self.image_shape
+            image = self._images[s][img_i, :h * w * c].reshape(h, w, c)
+        dec = int(m["decision"][j])
+        pos = int(m["decision_position"][j])
+        return Document(tokens, image, dec if dec >= 0 else None, pos if pos >= 0 else None,
+                        self._source_files[int(m["file"][j])], int(m["row"][j]))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return (f"PackedDataset({str(self.path)!r}, documents={len(self)}, "
+                f"tokens={self.num_tokens}, shards={len(self._tokens)}, dtype={self.dtype.name})")
+
+    # ---- the token stream ----
+    def window(self, start: int, n: int) -> np.ndarray:
+        """tokens[start:start+n] of the concatenated stream of all documents (shorter at the end).
+
+        A view of the memmap inside one shard; a copy when the window crosses a shard boundary.
+        """
+        start, n = int(start), int(n)
+        if start < 0 or n < 0:
+            raise ValueError(f"window(start={start}, n={n}): both must be >= 0")
+        starts = self._tok_starts
+        s = int(np.searchsorted(starts, start, side="right")) - 1
+        if s >= len(self._tokens):
+            return np.empty(0, self.dtype)
+        lo = start - int(starts[s])
+        if start + n <= starts[s + 1]:
+            return self._tokens[s][lo:lo + n]
+        pieces, need = [], n
+        while need > 0 and s < len(self._tokens):
+            piece = self._tokens[s][lo:lo + need]
+            pieces.append(piece)
+            need -= len(piece)
+            s, lo = s + 1, 0
+        return np.concatenate(pieces)
+
+    @property
+    def doc_offsets(self) -> np.ndarray:
+        """int64 (n_docs + 1) offsets of every document in the concatenated stream (built once,
+        on first use: O(documents))."""
+        if self._doc_offsets is None:
+            parts = [off[:-1] + int(base) for off, base in zip(self._offsets, self._tok_starts)]
+            parts.append(np.array([self.num_tokens], np.int64))
+            self._doc_offsets = np.concatenate(parts).astype(np.int64, copy=False)
+        return self._doc_offsets
+
+    def _row_kinds(self) -> np.ndarray:
+        if self._kinds is None:
+            kinds = [(m["decision"] >= 0) | (m["image"] >= 0)
+                     for m in (self._shard_meta(s) for s in range(len(self._tokens)))]
+            self._kinds = np.concatenate(kinds) if kinds else np.zeros(0, bool)
+        return self._kinds
+
+    @property
+    def text_doc_indices(self) -> np.ndarray:
+        """Indices of text-only rows (packed into windows across documents)."""
+        return np.flatnonzero(~self._row_kinds()).astype(np.int64)
+
+    @property
+    def multimodal_doc_indices(self) -> np.ndarray:
+        """Indices of rows with an image or a decision label (served whole, one per example)."""
+        return np.flatnonzero(self._row_kinds()).astype(np.int64)
+
+    def load_tokenizer(self):
+        """The tokenizers.Tokenizer stored with the data."""
+        from qovaryx_data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_dir)
+
+    def to_hf(self, iterable: bool = False):
+        """A datasets.Dataset (or IterableDataset) view; see qovaryx_data.hf.to_hf."""
+        from qovaryx_data.hf import to_hf
+
+        return to_hf(self, iterable=iterable)
+
+
+def _read_meta(path: Path) -> dict[str, np.ndarray]:
+    """Columns of a shard's metadata Arrow file as numpy (nulls as -1)."""
+    import pyarrow as pa
+
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FormatError(f"{path}: not a readable Arrow IPC file ({e}); re-run pack") from None
+    md = reader.schema.metadata or {}
+    if md.get(META_FORMAT_KEY) != META_FORMAT_VALUE:
+        raise FormatError(f"{path}: schema metadata {META_FORMAT_KEY.decode()}="
+                          f"{md.get(META_FORMAT_KEY)!r}, expected {META_FORMAT_VALUE!r}")
+    version = md.get(META_VERSION_KEY, b"").decode()
+    if version.split(".")[0] != str(FORMAT_MAJOR):
+        raise FormatError(f"{path}: metadata version {version!r}, expected major {FORMAT_MAJOR}")
+    table = reader.read_all()
+    out = {}
+    for name in ("source", "file", "row", "decision", "decision_position", "image"):
+        col = table.column(name)
+        if col.null_count:
+            col = col.fill_null(-1)
+        out[name] = col.to_numpy().astype(np.int64, copy=False)
+    return out
+
+
+# ============================================================================ verify
+
+@dataclass
+class VerifyResult:
+    path: Path
+    checked: int                       # files re-hashed
+    bad: list[tuple[str, str]]         # (file, what is wrong)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+def dataset_folders(path: str | os.PathLike) -> list[Path]:
+    """The dataset folder itself, or its train/ and val/ when it is a pack with a validation split."""
+    path = Path(path)
+    if (path / DATASET_JSON).is_file():
+        return [path]
+    subs = [path / s for s in ("train", "val") if (path / s / DATASET_JSON).is_file()]
+    return subs or [path]
+
+
+def verify(path: str | os.PathLike) -> VerifyResult:
+    """Re-hash every file listed in dataset.json (both splits of a pack with validation).
+
+    Returns a VerifyResult; `.bad` names each missing, resized or changed file.
+    FormatError when dataset.json itself is missing or unreadable.
+    """
+    from qovaryx_data.pack import file_entry
+
+    bad, checked = [], 0
+    for folder in dataset_folders(path):
+        info = read_dataset_json(folder)
+        for name, want in info["files"].items():
+            p = folder / name
+            checked += 1
+            if not p.is_file():
+                bad.append((str(p), "missing"))
+                continue
+            got = file_entry(p)
+            if got["bytes"] != want["bytes"]:
+                bad.append((str(p), f"size {got['bytes']} bytes, expected {want['bytes']}"))
+            elif got["xxh3_128"] != want["xxh3_128"]:
+                bad.append((str(p), f"xxh3-128 {got['xxh3_128']}, expected {want['xxh3_128']}"))
+    return VerifyResult(Path(path), checked, bad)
+
+
+def check_verified(path: str | os.PathLike) -> None:
+    """verify(), raising IntegrityError naming the bad files."""
+    r = verify(path)
+    if not r.ok:
+        raise IntegrityError("; ".join(f"{f}: {why}" for f, why in r.bad))
+
+
+# ============================================================================ inspect
+
+def inspect_dataset(path: str | os.PathLike, *, samples: int = 1, sample_tokens: int = 60
+                    ) -> dict:
+    """A summary of a packed dataset (or of train/ and val/): counts, per-source counts, skips,
+    a document-length histogram (powers of two) and decoded samples."""
+    reports = {}
+    for folder in dataset_folders(path):
+        ds = PackedDataset(folder)
+        info = ds.info
+        lengths = np.diff(ds.doc_offsets)
+        edges = [0, 1] + [2 ** k for k in range(1, 40) if 2 ** (k - 1) <= max(lengths.max(initial=0), 1)]
+        hist, _ = np.histogram(lengths, bins=edges + [edges[-1] * 2]) if len(lengths) else ([], [])
+        histogram = [{"min": int(a), "max": int(b) - 1, "documents": int(c)}
+                     for a, b, c in zip(edges, edges[1:] + [edges[-1] * 2], hist) if c]
+        sample = []
+        if len(ds):
+            tok = ds.load_tokenizer()
+            for i in np.linspace(0, len(ds) - 1, num=min(samples, len(ds))).astype(int):
+                d = ds[int(i)]
+                sample.append({"index": int(i), "source": d.source, "row": d.row,
+                               "tokens": int(len(d.tokens)),
+                               "text": tok.decode(d.tokens[:sample_tokens].tolist(),
+                                                  skip_special_tokens=False)})
+        mm = ds.multimodal_doc_indices
+        reports[info.get("split") or "dataset"] = {
+            "path": str(folder),
+            "name": info["name"],
+            "format_version": info["format_version"],
+            "documents": len(ds),
+            "tokens": ds.num_tokens,
+            "dtype": info["dtype"],
+            "shards": len(info["shards"]),
+            "tokenizer": {"hash": info["tokenizer"]["hash"],
+                          "vocab_size": info["tokenizer"]["vocab_size"]},
+            "sources": info["sources"],
+            "rows_with_images": int(info.get("num_images", 0)),
+            "rows_with_image_or_label": int(len(mm)),
+            "decision_counts": _decision_counts(info),
+            "skipped": info["skipped"],
+            "skipped_sample": info["skipped_sample"][:10],
+            "length_histogram": histogram,
+            "length_mean": float(lengths.mean()) if len(lengths) else 0.0,
+            "samples": sample,
+        }
+    return reports
+
+
+def _decision_counts(info: dict) -> dict | None:
+    if not info.get("decision"):
+        return None
+    counts = [sum(s["decisions"][c] for s in info["sources"]) for c in range(4)]
+    names = info["decision"].get("labels") or [str(c) for c in range(4)]
+    names = list(names) + [str(c) for c in range(len(names), 4)]
+    return {names[c]: counts[c] for c in range(4)}
