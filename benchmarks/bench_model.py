@@ -12,13 +12,14 @@ Prints ratios measured in this run (higher tokens/s ratio = we are faster):
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qovaryx_model import QovaryxConfig, QovaryxForCausalLM
+
+from gpu_check import step_flops  # same folder; FLOP count of one training step
 
 SHAPE = dict(d_model=256, n_layer=4, n_head=8, n_kv_head=2, d_ff=704, vocab_size=8192)
 
@@ -36,8 +37,9 @@ def llama() -> LlamaForCausalLM:
 
 
 def time_all(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin so that a change in machine
-    load (other jobs on a shared box) hits every candidate alike."""
+    """Fastest seconds per call of each function, measured round-robin so that a change in machine
+    load (other jobs on a shared box) hits every candidate alike; the minimum, as in `timeit`,
+    because load only ever adds time."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -47,7 +49,7 @@ def time_all(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def train_step(model, ids):
@@ -91,7 +93,10 @@ def main() -> None:
     print(f"\n[1] train step fwd+bwd: ours(mtp_k=1) {ntok / t['mtp1']:,.0f} tok/s, Llama {ntok / t['llama']:,.0f} tok/s "
           f"-> ratio ours/Llama = {t['llama'] / t['mtp1']:.2f}x (goal >= 1.0)")
     print(f"[2] MTP-K=4 cost: step time mtp_k=4 / mtp_k=1 = {t['mtp4'] / t['mtp1']:.2f}x "
-          f"({ntok / t['mtp4']:,.0f} tok/s)")
+          f"({ntok / t['mtp4']:,.0f} tok/s); this shape's head is as costly as its trunk, so for scale:")
+    for preset in ("50m", "350m", "1b"):
+        f1, f4 = (step_flops(QovaryxConfig.from_preset(preset, mtp_k=k), 1, 2048) for k in (1, 4))
+        print(f"    FLOP ratio mtp_k=4 / mtp_k=1 for the {preset} preset at seq 2048: {f4 / f1:.2f}x")
     print("[4] FFN backends, train step time vs swiglu (mtp_k=1):")
     for kind in ("ternary_swiglu", "lowrank_swiglu", "routed_lowrank_swiglu"):
         goal = " (goal <= 1.5; the card admits ~3x)" if kind == "ternary_swiglu" else ""

@@ -66,7 +66,15 @@ class AttnMask:
 
 def build_mask(valid: torch.Tensor | None, docs: torch.Tensor | None, positions: torch.Tensor,
                q_len: int, past: int) -> AttnMask:
-    """valid: (B, past + q_len) real-token mask or None; docs: (B, q_len) document ids or None."""
+    """valid: (B, past + q_len) real-token mask or None; docs: (B, q_len) document ids or None.
+
+    An all-real `valid` and a single document per row are dropped first, so that the common
+    training batch keeps SDPA's `is_causal` fast path (and flash-attn's dense kernel).
+    """
+    if valid is not None and bool(valid.all()):
+        valid = None
+    if docs is not None and bool((docs == docs[:, :1]).all()):
+        docs = None
     if valid is None and docs is None:
         if past == 0 or q_len == 1:  # plain causal, or one new token that sees the whole cache
             return AttnMask(None, is_causal=past == 0 and q_len > 1, flash_ok=True)
