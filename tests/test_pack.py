@@ -1,0 +1,330 @@
+"""`qovaryx-data pack` on real text (../shared corpora): round trip, worker-count independence,
+shard rolling, validation split, idempotence, the lock, the dtype rule, progress, every bad input.
+
+The kill-and-resume test lives in test_pack_resume.py.
+"""
+from __future__ import annotations
+
+import fcntl
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from tokenizers import Tokenizer
+
+from qovaryx_data import PackedDataset, SourceError, tokenizer_hash
+from qovaryx_data.cli import main
+from qovaryx_data.pack import PackLockedError, pack
+
+N_PLAYS = 8
+KJV_LINES = 6000
+SHARD_TOKENS = 150_000
+
+
+def write_manifest(folder: Path, tokenizer: Path, sources: list[dict], **extra) -> Path:
+    m = {"name": "test", "tokenizer": str(tokenizer), "output": "out", "sources": sources, **extra}
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / "pack.yaml"
+    p.write_text(yaml.safe_dump(m, sort_keys=False), encoding="utf-8")
+    return p
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file of a packed dataset (relative path -> bytes), the lock excluded."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".pack.lock"}
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory, shakespeare_files, kjv_path, small_tokenizer):
+    """8 plays (one document each) + 6,000 KJV verses (one per line, 4 work units), packed with
+    2 workers into shards of 150k tokens."""
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "src"
+    src.mkdir()
+    plays = []
+    for f in shakespeare_files[:N_PLAYS]:
+        (src / f.name).write_bytes(f.read_bytes())
+        plays.append(src / f.name)
+    with open(kjv_path, encoding="utf-8") as f:
+        verses = [next(f).rstrip("\n") for _ in range(KJV_LINES)]
+    (src / "kjv.txt").write_text("\n".join(verses) + "\n", encoding="utf-8")
+    sources = [{"path": "src/*_gut.txt", "format": "text", "split": "file"},
+               {"path": "src/kjv.txt", "format": "text", "split": "line"}]
+    manifest = write_manifest(root, small_tokenizer, sources, shard_tokens=SHARD_TOKENS,
+                              unit_bytes=64 * 1024)
+    result = pack(manifest, workers=2, progress=False)
+    return {"root": root, "manifest": manifest, "result": result, "out": root / "out",
+            "plays": plays, "verses": verses, "tok": small_tokenizer}
+
+
+def test_round_trip_decodes_to_the_source_documents(text_corpus):
+    c = text_corpus
+    ds = PackedDataset(c["out"])
+    tok = Tokenizer.from_file(str(c["tok"] / "tokenizer.json"))
+    assert len(ds) == N_PLAYS + KJV_LINES
+    for i, play in enumerate(c["plays"]):
+        doc = ds[i]
+        assert doc.tokens[-1] == 0                                # <|endoftext|> separator
+        assert tok.decode(doc.tokens[:-1].tolist(), skip_special_tokens=False) == play.read_text()
+        assert (doc.source, doc.row) == (str(play.resolve()), 1)
+    docs = [ds[N_PLAYS + j] for j in range(KJV_LINES)]
+    # parity with the reference library: the same ids as Tokenizer.encode_batch, plus the separator
+    ref = tok.encode_batch(c["verses"], add_special_tokens=False)
+    assert all(d.tokens.tolist() == r.ids + [0] for d, r in zip(docs, ref))
+    assert [tok.decode(d.tokens[:-1].tolist()) for d in docs[:500]] == c["verses"][:500]
+    assert [d.row for d in docs[:3]] == [1, 2, 3] and docs[-1].row == KJV_LINES
+    assert ds.num_tokens == sum(len(d.tokens) for d in ds)
+
+
+def test_dataset_json_records_tokenizer_dtype_counts_and_checksums(text_corpus):
+    c = text_corpus
+    info = json.loads((c["out"] / "dataset.json").read_text())
+    assert info["format"] == "qovaryx-packed" and info["format_version"] == "1.0"
+    assert info["tokenizer"]["hash"] == tokenizer_hash(c["tok"])
+    assert info["tokenizer"]["vocab_size"] == 2048
+    assert info["tokenizer"]["special_tokens"]["<|endoftext|>"] == 0
+    assert info["dtype"] == "uint16"
+    assert tokenizer_hash(c["out"] / "tokenizer") == info["tokenizer"]["hash"]   # the copy
+    assert [s["documents"] for s in info["sources"]] == [N_PLAYS, KJV_LINES]
+    assert sum(s["tokens"] for s in info["sources"]) == info["num_tokens"]
+    assert info["skipped"] == {}
+    listed = set(info["files"])
+    on_disk = {k for k in files_of(c["out"]) if k != "dataset.json"}
+    assert listed == on_disk                   # every file is checksummed; no stray temp files
+    assert all(len(f["xxh3_128"]) == 32 for f in info["files"].values())
+    assert c["result"].documents == info["num_documents"] and not c["result"].up_to_date
+
+
+def test_shards_roll_past_shard_tokens_and_documents_never_span(text_corpus):
+    ds = PackedDataset(text_corpus["out"])
+    shards = ds.info["shards"]
+    assert len(shards) >= 5
+    lengths = np.diff(ds.doc_offsets)
+    first = 0
+    for sh in shards[:-1]:
+        n = sh["num_documents"]
+        assert sh["num_tokens"] >= SHARD_TOKENS                         # rolled only once full
+        assert sh["num_tokens"] - lengths[first + n - 1] < SHARD_TOKENS  # ... by its last document
+        first += n
+    assert sum(s["num_documents"] for s in shards) == len(ds)
+
+
+def test_output_is_byte_identical_for_any_worker_count(text_corpus, tmp_path):
+    ref = files_of(text_corpus["out"])
+    r = pack(text_corpus["manifest"], out=tmp_path / "w1", workers=1, progress=False)
+    assert r.units == r.units_done > 8
+    assert files_of(tmp_path / "w1") == ref
+
+
+def test_rerun_with_unchanged_inputs_does_nothing(text_corpus):
+    out = text_corpus["out"]
+    def stamps():
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*")
+                if p.is_file() and p.name != ".pack.lock"}
+
+    before = stamps()
+    result = CliRunner().invoke(main, ["pack", "--manifest", str(text_corpus["manifest"])])
+    assert result.exit_code == 0, result.output
+    assert "up to date, nothing to do" in result.output
+    assert stamps() == before
+
+
+def test_changed_source_repacks(small_tokenizer, kjv_path, tmp_path):
+    src = tmp_path / "v.txt"
+    src.write_text("In the beginning.\nAnd the earth was without form.\n")
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "v.txt", "split": "line"}])
+    assert not pack(m, workers=1, progress=False).up_to_date
+    assert pack(m, workers=1, progress=False).up_to_date
+    src.write_text("In the beginning.\n")
+    r = pack(m, workers=1, progress=False)
+    assert not r.up_to_date and r.documents == 1 == len(PackedDataset(tmp_path / "out"))
+
+
+def test_progress_bar_shows_documents_tokens_and_rate(small_tokenizer, kjv_path, tmp_path):
+    (tmp_path / "v.txt").write_text(kjv_path.read_text()[:20000])
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "v.txt", "split": "line"}])
+    result = CliRunner().invoke(main, ["pack", "--manifest", str(m), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "docs=" in result.stderr and "tokens=" in result.stderr and "tok/s=" in result.stderr
+    assert "packed" in result.stdout and "tokens/s" in result.stdout
+
+
+def test_concurrent_pack_into_the_same_output_is_refused(small_tokenizer, tmp_path):
+    (tmp_path / "v.txt").write_text("one line\n")
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "v.txt", "split": "line"}])
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / ".pack.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)          # what a running pack holds
+        with pytest.raises(PackLockedError, match="another `qovaryx-data pack` is writing"):
+            pack(m, workers=1, progress=False)
+        result = CliRunner().invoke(main, ["pack", "--manifest", str(m)])
+        assert result.exit_code == 2 and "another `qovaryx-data pack`" in result.output
+    assert pack(m, workers=1, progress=False).documents == 1   # released: packs fine
+
+
+def test_validation_split_is_a_stable_content_hash(small_tokenizer, kjv_path, tmp_path):
+    verses = kjv_path.read_text(encoding="utf-8").splitlines()[:3000]
+    (tmp_path / "a.txt").write_text("\n".join(verses) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(verses[1000:]) + "\n")   # a different corpus
+    tok = Tokenizer.from_file(str(small_tokenizer / "tokenizer.json"))
+
+    def sides(name):
+        folder = tmp_path / name
+        m = write_manifest(folder, small_tokenizer, [{"path": f"../{name}.txt", "split": "line"}],
+                           validation=0.2)
+        r = pack(m, workers=2, progress=False)
+        assert set(r.datasets) == {"train", "val"}
+        out = {}
+        for split in ("train", "val"):
+            ds = PackedDataset(folder / "out" / split)
+            assert ds.info["split"] == split
+            for d in ds:
+                out[tok.decode(d.tokens[:-1].tolist())] = split
+        return out
+
+    a, b = sides("a"), sides("b")
+    assert len(a) == len(set(verses))                                # nothing lost
+    share = sum(v == "val" for v in a.values()) / len(a)
+    assert 0.15 < share < 0.25
+    assert all(a[t] == b[t] for t in b)                              # same document, same side
+    with pytest.raises(Exception, match="open .*/train or .*/val"):
+        PackedDataset(tmp_path / "a" / "out")
+
+
+def test_dtype_is_uint32_when_ids_exceed_uint16(tmp_path):
+    """A word-level tokenizer with 70,000 entries: ids reach past 65,535, so tokens are uint32."""
+    from tokenizers import models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(70_000)]
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|endoftext|>"])
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text("w1 w65600 w69999\nw0 w65534\n")
+    m = write_manifest(tmp_path, tmp_path / "tok", [{"path": "t.txt", "split": "line"}])
+    pack(m, workers=1, progress=False)
+    ds = PackedDataset(tmp_path / "out")
+    assert ds.info["dtype"] == "uint32" and ds[0].tokens.dtype == np.uint32
+    assert ds[0].tokens.tolist() == [3, 65602, 70001, 0]
+    assert ds[1].tokens.tolist() == [2, 65536, 0]
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def _zst(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _parquet(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["a document", "another"]}), path)
+
+
+# name -> (file name, bytes, source options, reason, row)
+BAD = {
+    "malformed_json": ("x.jsonl", b'{"text": "fine"}\n{"text": "unterminated\n', {}, 2),
+    "missing_field": ("x.jsonl", b'{"text": "fine"}\n{"body": "no text"}\n', {}, 2),
+    "non_string_text": ("x.jsonl", b'{"text": "fine"}\n{"text": 17}\n', {}, 2),
+    "invalid_utf8": ("x.txt", b"fine line\nbad \xff\xfe line\n", {"split": "line"}, 2),
+    "corrupt_zst": ("x.jsonl.zst", None, {}, None),
+}
+
+
+def _bad_source(tmp_path: Path, reason: str) -> tuple[str, dict]:
+    name, data, opts, _ = BAD[reason]
+    if reason == "corrupt_zst":
+        good = _zst(b"".join(b'{"text": "row %d"}\n' % i for i in range(2000)))
+        data = good[: len(good) // 2]                                   # truncated
+    (tmp_path / name).write_bytes(data)
+    return name, opts
+
+
+@pytest.mark.parametrize("reason", list(BAD))
+def test_bad_row_fails_naming_file_and_row(reason, small_tokenizer, tmp_path):
+    name, opts = _bad_source(tmp_path, reason)
+    # three copies: the error crosses the worker pool (pickled) and still names file and row
+    for i in range(3):
+        (tmp_path / f"{i}{name}").write_bytes((tmp_path / name).read_bytes())
+    (tmp_path / name).unlink()
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": f"*{name}", **opts}])
+    with pytest.raises(SourceError) as e:
+        pack(m, workers=2, progress=False)
+    assert e.value.reason == reason
+    assert e.value.path == str((tmp_path / f"0{name}").resolve())
+    if BAD[reason][3] is not None:
+        assert e.value.row == BAD[reason][3] and str(BAD[reason][3]) in str(e.value)
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_unreadable_zst_and_missing_parquet_column_and_empty_glob(small_tokenizer, tmp_path):
+    (tmp_path / "g.jsonl.zst").write_bytes(b"this is not zstd at all\n" * 10)
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "g.jsonl.zst"}])
+    with pytest.raises(SourceError, match="g.jsonl.zst") as e:
+        pack(m, workers=1, progress=False)
+    assert e.value.reason == "corrupt_zst"
+    _parquet(tmp_path / "p.parquet")
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "p.parquet"}])
+    with pytest.raises(SourceError, match=r"p.parquet: no column 'text'") as e:
+        pack(m, workers=1, progress=False)
+    assert e.value.reason == "missing_column"
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "nothing/*.txt"}])
+    with pytest.raises(SourceError, match="matches nothing") as e:
+        pack(m, workers=1, progress=False)
+    assert e.value.reason == "no_match"
+
+
+def test_skip_counts_every_bad_row_by_reason(small_tokenizer, tmp_path):
+    sources = []
+    for reason in ("malformed_json", "missing_field", "non_string_text", "invalid_utf8",
+                   "corrupt_zst"):
+        sub = tmp_path / reason
+        sub.mkdir()
+        name, opts = _bad_source(sub, reason)
+        sources.append({"path": f"{reason}/{name}", **opts})
+    (tmp_path / "e.jsonl").write_text('{"text": ""}\n{"text": "   "}\n{"text": "kept"}\n\n')
+    sources.append({"path": "e.jsonl"})
+    m = write_manifest(tmp_path, small_tokenizer, sources, on_error="skip")
+    r = pack(m, workers=2, progress=False)
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert info["skipped"] == r.skipped
+    for reason in ("malformed_json", "missing_field", "non_string_text", "invalid_utf8",
+                   "corrupt_zst"):
+        assert info["skipped"][reason] == 1, reason
+    assert info["skipped"]["empty"] == 2          # "" and "   " (a blank JSONL line is no row)
+    sample = {(Path(s["path"]).name, s["row"], s["reason"]) for s in info["skipped_sample"]}
+    assert ("x.jsonl", 2, "malformed_json") in sample and ("x.txt", 2, "invalid_utf8") in sample
+    kept = sorted((Path(d.source).name, d.row) for d in PackedDataset(tmp_path / "out"))
+    # the good first row of each jsonl/txt source and "kept"; the truncated zst frame yields none
+    assert kept == [("e.jsonl", 3)] + [("x.jsonl", 1)] * 3 + [("x.txt", 1)]
+
+
+def test_empty_and_short_documents_are_counted_even_with_on_error_fail(small_tokenizer, tmp_path):
+    (tmp_path / "v.txt").write_text("a verse of some length here\n\n   \nab\n")
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "v.txt", "split": "line"}],
+                       min_tokens=3)
+    r = pack(m, workers=1, progress=False)
+    assert r.documents == 1
+    assert r.skipped == {"empty": 2, "too_short": 1}
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert {(s["row"], s["reason"]) for s in info["skipped_sample"]} == {
+        (2, "empty"), (3, "empty"), (4, "too_short")}
+
+
+def test_special_token_text_inside_a_document_is_not_a_separator(small_tokenizer, tmp_path):
+    (tmp_path / "v.txt").write_text("before<|endoftext|>after\n")
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "v.txt", "split": "line"}])
+    pack(m, workers=1, progress=False)
+    tokens = PackedDataset(tmp_path / "out")[0].tokens.tolist()
+    assert tokens.count(0) == 1 and tokens[-1] == 0
