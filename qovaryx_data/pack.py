@@ -769,3 +769,6 @@ def _remove_stale(folder: Path, shards: list[dict]) -> None:
     for p in folder.glob("shard-*"):
         if p.name not in keep:
             p.unlink()
+    for p in folder.glob(".*.tmp*"):   # temp files of a run killed mid-write
+        if p.is_file():
+            p.unlink()
