@@ -71,7 +71,12 @@ def _atomic_dir(out: Path):
 
 def export_pretrained(model: QovaryxForCausalLM, out: str | os.PathLike, tokenizer=None,
                       generation: dict | None = None, readme: str | None = None) -> Path:
-    """Write a self-contained, loadable folder (atomically: a temp folder renamed into place)."""
+    """Write a self-contained, loadable folder (atomically: a temp folder renamed into place).
+
+    `tokenizer` is a tokenizer object (saved with save_pretrained) or a tokenizer folder, whose files
+    are copied byte for byte (so train-bpe's own metadata, e.g. its content hash, travels along);
+    files the model export writes itself (config.json, ...) are never overwritten by it.
+    """
     out = Path(out)
     tmp, commit = _atomic_dir(out)
     try:
@@ -81,7 +86,11 @@ def export_pretrained(model: QovaryxForCausalLM, out: str | os.PathLike, tokeniz
         # save_pretrained adds AutoConfig and AutoModelForCausalLM; AutoModel (the bare trunk) is added here
         cfg.auto_map = {**(getattr(cfg, "auto_map", None) or {}), "AutoModel": "model.QovaryxModel"}
         model.save_pretrained(tmp)  # safetensors + config.json (auto_map) + modeling source + generation_config
-        if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):  # a tokenizer folder: copy its files as they are
+            for f in sorted(Path(tokenizer).iterdir()):
+                if f.is_file() and not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+        elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(readme if readme is not None else model_card(cfg), encoding="utf-8")
         commit()
@@ -102,7 +111,7 @@ def init_scratch_base(preset: str, tokenizer_dir: str | os.PathLike, out: str | 
     cfg = QovaryxConfig.from_preset(preset, vocab_size=len(tok), **special, **overrides)
     torch.manual_seed(seed)
     model = QovaryxForCausalLM(cfg).to(DTYPES[dtype])
-    return export_pretrained(model, out, tokenizer=tok, readme=model_card(cfg, preset=preset, dtype=dtype))
+    return export_pretrained(model, out, tokenizer=tokenizer_dir, readme=model_card(cfg, preset=preset, dtype=dtype))
 
 
 def model_card(cfg: QovaryxConfig, preset: str | None = None, dtype: str | None = None) -> str:
@@ -134,7 +143,7 @@ norms at 1, biases at 0.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained(PATH)
+tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # transformers 5 reads config.json here too
 model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
 out = model(**tok("hello", return_tensors="pt"), labels=tok("hello", return_tensors="pt").input_ids)
 print(out.loss, out.lm_loss, out.mtp_loss)

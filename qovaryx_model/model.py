@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -226,7 +227,7 @@ class QovaryxPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["QovaryxBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """Glorot/Xavier per layer kind: uniform for Linear and Conv2d, normal for the embedding;
@@ -254,10 +255,18 @@ class QovaryxModel(QovaryxPreTrainedModel):
                               if config.chart_patch_encoder_enabled else None)
         self.layers = nn.ModuleList(QovaryxBlock(config, i) for i in range(config.n_layer))
         self.norm = nn.RMSNorm(config.d_model, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False  # set by model.activation_checkpointing_enable()
         self.post_init()
 
     def get_input_embeddings(self):
         return self.embed_tokens
+
+    def run_block(self, block, x, rope, mask, cache=None, token_mask=None):
+        """One block, recomputed in the backward when activation checkpointing is on (non-reentrant,
+        so the router statistics returned beside x keep their gradient)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, rope, mask, cache, token_mask, use_reentrant=False)
+        return block(x, rope, mask, cache, token_mask)
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
@@ -304,7 +313,7 @@ class QovaryxModel(QovaryxPreTrainedModel):
 
         router = []
         for block in self.layers:
-            x, aux = block(x, rope, mask, cache, token_mask)
+            x, aux = self.run_block(block, x, rope, mask, cache, token_mask)
             if aux is not None:
                 router.append(aux)
         return Trunk(x, rope, mask, n_prefix, docs, router, cache)
@@ -449,7 +458,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             mask = t.mask.truncate(t.n_prefix, L)
             if mask.dense is None and not mask.is_causal:  # cannot happen without a cache, keep it causal
                 mask.is_causal = True
-            h, _ = depth.block(x, rope, mask)  # (B, L, d); router stats of MTP blocks are not used
+            h, _ = self.model.run_block(depth.block, x, rope, mask)  # (B, L, d); MTP router stats unused
             logits = self.lm_head(depth.norm(h))  # (B, L, V): position i predicts t_{i+k+1}
             losses.append(self._ce(logits, self._targets(labels, t.docs, k + 1)[:, :L]))  # last one: past the end
         return losses

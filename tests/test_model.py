@@ -382,3 +382,21 @@ def test_rows_without_image_get_no_prefix():
     assert out.hidden_states.shape[1] == cfg.n_image_tokens + 12 == 16 + 12
     with pytest.raises(ValueError, match=r"expected \(B, 1, 28, 28\)"):
         model(input_ids=ids, pixel_values=torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    cfg = debug(ffn_kind="routed_lowrank_swiglu")
+    a, b = QovaryxForCausalLM(cfg), QovaryxForCausalLM(cfg)
+    b.load_state_dict(a.state_dict())
+    b.activation_checkpointing_enable()
+    assert b.model.gradient_checkpointing
+    batch = full_batch(cfg)
+    la, lb = a(**batch).loss, b(**batch).loss
+    la.backward(), lb.backward()
+    torch.testing.assert_close(la, lb)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, n
+        else:
+            torch.testing.assert_close(pa.grad, pb.grad, msg=n)

@@ -125,6 +125,8 @@ def test_export_loads_without_qovaryx_and_init_cli(tmp_path, tok_dir):
     assert r.exit_code == 0, r.output
     assert "parameters, vocab 1024, bf16" in r.output
     init_names = {p.name for p in (tmp_path / "init").iterdir()}
+    for f in tok_dir.iterdir():  # the tokenizer folder travels byte for byte
+        assert (tmp_path / "init" / f.name).read_bytes() == f.read_bytes(), f.name
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.json",
             "model.py"} <= init_names
     gen_cfg = json.loads((tmp_path / "init" / "generation_config.json").read_text())
@@ -143,12 +145,12 @@ def test_export_loads_without_qovaryx_and_init_cli(tmp_path, tok_dir):
         assert torch.equal(m(input_ids=ref["ids"]).logits, ref["logits"]), "logits differ after reload"
         gen = m.generate(ref["ids"][:1], max_new_tokens=6, min_new_tokens=6, do_sample=False)
         assert torch.equal(gen, ref["gen"]), (gen, ref["gen"])
-        tok = AutoTokenizer.from_pretrained("exp")
+        tok = AutoTokenizer.from_pretrained("exp", trust_remote_code=True)
         assert tok.eos_token_id == 0 and tok.pad_token_id == 1
 
         m2 = AutoModelForCausalLM.from_pretrained("init", trust_remote_code=True)
         assert m2.dtype == torch.bfloat16 and m2.config.mtp_k == 2 and m2.config.vocab_size == 1024
-        tok2 = AutoTokenizer.from_pretrained("init")
+        tok2 = AutoTokenizer.from_pretrained("init", trust_remote_code=True)
         batch = tok2(["To be, or not to be"], return_tensors="pt")
         out = m2(**batch, labels=batch["input_ids"])
         assert torch.isfinite(out.loss) and out.mtp_losses.shape == (1,)
@@ -195,3 +197,21 @@ def test_tied_head_round_trip_in_process(tmp_path):
     assert back.lm_head.weight is back.model.embed_tokens.weight
     ids = torch.randint(8, 300, (2, 10))
     assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_init_with_the_project_tokenizer(tmp_path, small_tokenizer):
+    """`qovaryx-train init` on a folder written by qovaryx_data.train_bpe (the real pipeline)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qovaryx_model.hf import init_scratch_base
+
+    out = init_scratch_base("debug", small_tokenizer, tmp_path / "m", mtp_k=2)
+    for f in small_tokenizer.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert model.config.vocab_size == len(tok) == 2048
+    assert (model.config.eos_token_id, model.config.pad_token_id) == (tok.eos_token_id, tok.pad_token_id) == (0, 1)
+    batch = tok(["Now is the winter of our discontent"], return_tensors="pt")
+    out = model(**batch, labels=batch["input_ids"])
+    assert torch.isfinite(out.loss) and out.mtp_losses.shape == (1,)
