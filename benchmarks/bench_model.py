@@ -94,6 +94,8 @@ def main() -> None:
           f"-> ratio ours/Llama = {t['llama'] / t['mtp1']:.2f}x (goal >= 1.0)")
     print(f"[2] MTP-K=4 cost: step time mtp_k=4 / mtp_k=1 = {t['mtp4'] / t['mtp1']:.2f}x "
           f"({ntok / t['mtp4']:,.0f} tok/s); this shape's head is as costly as its trunk, so for scale:")
+    f1, f4 = (step_flops(QovaryxConfig(**{**SHAPE, "mtp_k": k}), args.batch, args.seq) for k in (1, 4))
+    print(f"    FLOP ratio mtp_k=4 / mtp_k=1 at this benchmark's shape: {f4 / f1:.2f}x")
     for preset in ("50m", "350m", "1b"):
         f1, f4 = (step_flops(QovaryxConfig.from_preset(preset, mtp_k=k), 1, 2048) for k in (1, 4))
         print(f"    FLOP ratio mtp_k=4 / mtp_k=1 for the {preset} preset at seq 2048: {f4 / f1:.2f}x")

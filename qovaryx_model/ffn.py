@@ -173,8 +173,9 @@ class RoutedLowRankSwiGLU(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         B, T, D = x.shape
         flat = x.reshape(-1, D)  # (N, D)
-        logits = F.linear(flat.float(), self.router.weight.float())  # (N, E) in float32
-        probs = logits.softmax(dim=-1)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # the router always runs in float32
+            logits = F.linear(flat.float(), self.router.weight.float())  # (N, E)
+            probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # (N, k)
         if self.top_k > 1:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
@@ -185,7 +186,7 @@ class RoutedLowRankSwiGLU(nn.Module):
             if rows.numel() == 0:
                 continue
             y, _ = expert(flat[rows])
-            out.index_add_(0, rows, y * top_p[rows, slot].unsqueeze(-1).to(y.dtype))
+            out.index_add_(0, rows, (y * top_p[rows, slot].unsqueeze(-1)).to(out.dtype))
 
         # router statistics over real tokens only
         keep = mask.reshape(-1) if mask is not None else torch.ones(B * T, dtype=torch.bool, device=x.device)

@@ -25,7 +25,8 @@ class MTPDepth(nn.Module):
 
     def combine(self, h_prev: torch.Tensor, emb_ahead: torch.Tensor) -> torch.Tensor:
         # (B, L, d), (B, L, d) -> (B, L, d)
-        return self.proj(torch.cat([self.norm_h(h_prev), self.norm_e(emb_ahead)], dim=-1))
+        x = self.proj(torch.cat([self.norm_h(h_prev), self.norm_e(emb_ahead)], dim=-1))
+        return x.to(h_prev.dtype)  # keep the residual stream's dtype (fp32 under autocast, like the trunk)
 
 
 class DecisionHead(nn.Module):

@@ -24,6 +24,10 @@ from .ffn import build_ffn
 from .heads import DecisionHead, MTPDepth, PatchEncoder
 
 IGNORE = -100
+# Keyword arguments transformers' generate()/Trainer/tokenizers may pass that carry nothing we use
+# (token_type_ids: a single segment type; the rest: output-format switches).
+HF_NOOP_KWARGS = {"return_dict", "output_attentions", "output_hidden_states", "token_type_ids",
+                  "num_items_in_batch", "cache_position"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +44,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE (the Llama/NeoX layout): x (B, h, S, hd)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)  # stays bf16 under autocast
 
 
 @dataclass
@@ -373,6 +377,11 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> QovaryxCausalLMOutput:
         cfg = self.config
+        unknown = set(kwargs) - HF_NOOP_KWARGS
+        if unknown:  # a misspelt batch key must not be dropped silently
+            raise TypeError(f"QovaryxForCausalLM.forward got unexpected inputs {sorted(unknown)}")
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not supported (attention runs in SDPA / flash-attn kernels)")
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = cfg.use_cache and labels is None and pixel_values is None and not self.training
@@ -391,8 +400,10 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             out.lm_loss = self._ce(out.logits, self._targets(labels, t.docs, 1))
             terms.append((1.0, out.lm_loss))
             if len(self.mtp) and T > 2:
-                out.mtp_losses = torch.stack(self._mtp_losses(t, input_ids, labels))
-                out.mtp_loss = out.mtp_losses.mean()
+                losses, has_targets = self._mtp_losses(t, input_ids, labels)
+                out.mtp_losses = torch.stack(losses)  # (K-1,), 0 for a depth without any valid target
+                kept = [l for l, h in zip(losses, has_targets) if h]  # e.g. documents shorter than k + 2
+                out.mtp_loss = torch.stack(kept).mean() if kept else out.mtp_losses.sum() * 0.0
                 terms.append((cfg.mtp_weight, out.mtp_loss))
             if t.router:
                 out.moe_aux_loss = torch.stack([r["aux_loss"] for r in t.router]).mean()
@@ -440,7 +451,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             tgt[:, :-ahead].masked_fill_(docs[:, ahead:] != docs[:, :-ahead], IGNORE)
         return tgt
 
-    def _mtp_losses(self, t: Trunk, input_ids: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    def _mtp_losses(self, t: Trunk, input_ids: torch.Tensor, labels: torch.Tensor):
         """DeepSeek-V3 MTP: depth k (1..K-1) at position i sees h^{k-1}_i and emb(t_{i+k}) and
         predicts t_{i+k+1}; sequences shrink by one per depth, so targets never pass the window end."""
         if input_ids is None:
@@ -448,7 +459,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         T = input_ids.shape[1]
         h = t.h[:, t.n_prefix:]  # (B, T, d) text part of the trunk's residual stream
         cos, sin = t.rope
-        losses = []
+        losses, has_targets = [], []
         for k, depth in enumerate(self.mtp, start=1):
             L = T - k  # positions 0..L-1 have a token k ahead
             if L < 2:
@@ -460,8 +471,10 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
                 mask.is_causal = True
             h, _ = self.model.run_block(depth.block, x, rope, mask)  # (B, L, d); MTP router stats unused
             logits = self.lm_head(depth.norm(h))  # (B, L, V): position i predicts t_{i+k+1}
-            losses.append(self._ce(logits, self._targets(labels, t.docs, k + 1)[:, :L]))  # last one: past the end
-        return losses
+            tgt = self._targets(labels, t.docs, k + 1)[:, :L]  # the last position's target is past the end
+            losses.append(self._ce(logits, tgt))
+            has_targets.append(bool((tgt != IGNORE).any()))
+        return losses, has_targets
 
     def _decision_loss(self, logits, probs, labels) -> torch.Tensor:
         cfg = self.config

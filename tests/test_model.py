@@ -145,6 +145,8 @@ def test_legacy_alias_and_hf_loss_convention():
     out = model(input_ids=ids, labels=ids)
     ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, ref)
+    with pytest.raises(TypeError, match=r"unexpected inputs \['document_idz'\]"):
+        model(input_ids=ids, labels=ids, document_idz=ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +230,16 @@ def test_targets_crossing_documents_are_ignored():
     assert QovaryxForCausalLM._targets(labels, docs, 1).tolist() == [[11, 12, -100, 14, -100]]
     assert QovaryxForCausalLM._targets(labels, docs, 2).tolist() == [[12, -100, -100, -100, -100]]
     assert QovaryxForCausalLM._targets(labels, None, 2).tolist() == [[12, 13, 14, -100, -100]]
+
+
+def test_mtp_loss_averages_only_depths_with_targets():
+    torch.manual_seed(0)
+    model = QovaryxForCausalLM(debug())
+    ids = torch.randint(8, V, (1, 8))
+    docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2]])  # documents of 4, 3, 1 tokens: depth 3 (4 ahead) has no target
+    out = model(input_ids=ids, labels=ids, document_ids=docs)
+    assert out.mtp_losses[2].item() == 0.0 and (out.mtp_losses[:2] > 0).all()
+    torch.testing.assert_close(out.mtp_loss, out.mtp_losses[:2].mean())
 
 
 def test_mtp_depth_sees_the_token_k_ahead():
@@ -400,3 +412,31 @@ def test_activation_checkpointing_gives_the_same_gradients():
             assert pb.grad is None, n
         else:
             torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+@pytest.mark.parametrize("kind", FFN_KINDS)
+def test_bf16_autocast_and_bf16_weights(kind):
+    """bf16 autocast (the card's training loop) over fp32 weights, and pure bf16 weights, run with
+    every backend and both heads; the router stays float32 and RoPE keeps q/k in bf16 (flash-attn
+    needs fp16/bf16 inputs)."""
+    torch.manual_seed(0)
+    cfg = debug(ffn_kind=kind, decision_head_enabled=True, chart_patch_encoder_enabled=True, image_channels=1)
+    model = QovaryxForCausalLM(cfg)
+    batch = full_batch(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    if kind == "routed_lowrank_swiglu":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, aux = model.model.layers[0].mlp(torch.randn(2, 5, cfg.d_model))
+        assert aux["z_loss"].dtype == torch.float32
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    model.to(torch.bfloat16).zero_grad()
+    loss16 = model(**batch).loss
+    loss16.backward()
+    assert torch.isfinite(loss16)
+    torch.testing.assert_close(loss16, out.loss, atol=0.1, rtol=0.02)  # same weights, rounded to bf16
+    q = torch.randn(1, 2, 3, 16, dtype=torch.bfloat16)
+    cos, sin = rope_cos_sin(torch.arange(3)[None], 16, 10000.0, torch.float32)
+    assert apply_rope(q, cos, sin).dtype == torch.bfloat16
