@@ -82,11 +82,10 @@ def pack(manifest: PackManifest | str | os.PathLike, *, out: str | os.PathLike |
     """
     t0 = time.perf_counter()
     m = manifest if isinstance(manifest, PackManifest) else load_manifest(manifest)
-    out_dir = Path(out if out is not None else (m.output or ""))
-    if not str(out_dir) or out is None and m.output is None:
+    if out is None and m.output is None:
         raise QovaryxDataError(f"manifest {m.name!r} has no `output:`; give --out DIR")
+    out_dir = Path(out if out is not None else m.output).resolve()
     workers = max(1, workers or os.cpu_count() or 1)
-    out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(out_dir / LOCK_FILE):
         return _pack_locked(m, out_dir, workers, progress, t0)
@@ -198,6 +197,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     result = PackResult(out_dir, folders, up_to_date=True, units=len(units))
 
     if all(_is_complete(f, fingerprint) for f in folders.values()):
+        shutil.rmtree(out_dir / WORK_DIR, ignore_errors=True)  # killed just before its cleanup
         infos = [read_dataset_json(f) for f in folders.values()]
         result.documents = sum(i["num_documents"] for i in infos)
         result.tokens = sum(i["num_tokens"] for i in infos)

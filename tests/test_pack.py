@@ -328,3 +328,26 @@ def test_special_token_text_inside_a_document_is_not_a_separator(small_tokenizer
     pack(m, workers=1, progress=False)
     tokens = PackedDataset(tmp_path / "out")[0].tokens.tolist()
     assert tokens.count(0) == 1 and tokens[-1] == 0
+
+
+def test_all_rows_skipped_gives_an_empty_but_valid_dataset(small_tokenizer, tmp_path):
+    (tmp_path / "e.jsonl").write_text('{"text": ""}\n{"nope": 1}\n')
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "e.jsonl"}], on_error="skip")
+    r = pack(m, workers=1, progress=False)
+    assert r.documents == 0 and r.skipped == {"empty": 1, "missing_field": 1}
+    ds = PackedDataset(tmp_path / "out")
+    assert len(ds) == 0 and ds.num_tokens == 0 and len(ds.window(0, 10)) == 0
+    assert ds.doc_offsets.tolist() == [0]
+    with pytest.raises(IndexError):
+        ds[0]
+
+
+def test_no_output_anywhere_is_an_error(small_tokenizer, tmp_path):
+    (tmp_path / "v.txt").write_text("x\n")
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "v.txt"}])
+    raw = yaml.safe_load(m.read_text())
+    del raw["output"]
+    m.write_text(yaml.safe_dump(raw))
+    with pytest.raises(Exception, match="no `output:`; give --out DIR"):
+        pack(m, workers=1, progress=False)
+    assert pack(m, out=tmp_path / "o", workers=1, progress=False).documents == 1
