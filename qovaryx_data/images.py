@@ -15,7 +15,6 @@ import io
 import math
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -260,12 +259,12 @@ def contact_sheet(images: list[np.ndarray], labels: list[str | None], out: Path,
         draw.text((x, y + t.height + 1), "-" if label is None else str(label), fill=(0, 0, 0),
                   font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")   # same folder: os.replace is atomic
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             sheet.save(f, format="PNG")
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out
