@@ -8,8 +8,9 @@
   into row ranges so DataLoader workers can split it.
 * In: a ``save_to_disk`` folder is a source with ``format: hf`` (qovaryx_data.sources reads it;
   ``Image()`` and ``ClassLabel`` columns are detected there). For a `datasets.Dataset` object in
-  Python, `as_source(dataset, workdir)` saves it (images embedded) under `workdir` once and
-  returns the manifest source entry pointing at it.
+  Python, `pack_dataset(dataset, tokenizer=..., out=...)` packs it directly; underneath,
+  `as_source(dataset, workdir)` saves it (images embedded) under `workdir` once and returns the
+  manifest source entry pointing at it.
 
     >>> hf = to_hf(PackedDataset("build/packed/x"))            # doctest: +SKIP
     >>> hf.features["decision"].names
@@ -157,3 +158,40 @@ def as_source(dataset: datasets.Dataset, workdir: str | os.PathLike, **fields: A
     from qovaryx_data.manifest import SourceSpec
 
     return SourceSpec(path=str(save_dataset(dataset, workdir)), format="hf", **fields)
+
+
+def pack_dataset(dataset: datasets.Dataset, *, tokenizer: str | os.PathLike,
+                 out: str | os.PathLike, name: str = "hf", images: dict | None = None,
+                 source_dir: str | os.PathLike | None = None, workers: int | None = None,
+                 progress: bool = True, **options: Any):
+    """Pack an in-memory `datasets.Dataset` directly (the Python-API twin of a manifest).
+
+    The dataset is saved once (images embedded) under `source_dir` (default: ``<out>.sources``
+    beside the output) and packed as a ``format: hf`` source. `images` is the manifest's
+    ``images:`` block (needed when rows carry images); other `options` go to the source entry
+    (``text_field``, ``decision_field``, ``decision_position``, ...) or to the manifest
+    (``shard_tokens``, ``validation``, ``on_error``, ``separator``, ...). Returns the PackResult.
+
+        >>> pack_dataset(hf, tokenizer="build/tokenizer", out="build/packed/fm",   # doctest: +SKIP
+        ...              images={"size": [28, 28], "mode": "L"})
+    """
+    import dataclasses
+
+    from qovaryx_data.manifest import PackManifest, SourceSpec
+    from qovaryx_data.pack import pack
+
+    source_keys = {f.name for f in dataclasses.fields(SourceSpec)} - {"path", "format"}
+    manifest_keys = {f.name for f in dataclasses.fields(PackManifest)} - {
+        "name", "tokenizer", "sources", "output", "images", "base_dir"}
+    unknown = set(options) - source_keys - manifest_keys
+    if unknown:
+        raise TypeError(f"pack_dataset: unknown option(s) {sorted(unknown)}; source options: "
+                        f"{sorted(source_keys)}; manifest options: {sorted(manifest_keys)}")
+    out = Path(out).resolve()
+    if source_dir is None:
+        source_dir = out.with_name(out.name + ".sources")
+    spec = as_source(dataset, source_dir, **{k: v for k, v in options.items() if k in source_keys})
+    m = PackManifest(name=name, tokenizer=str(Path(tokenizer).resolve()), sources=(spec,),
+                     output=str(out), images=images,
+                     **{k: v for k, v in options.items() if k in manifest_keys})
+    return pack(m, workers=workers, progress=progress)

@@ -132,19 +132,27 @@ def test_to_hf_iterable_streams_the_same_rows(round_trip):
             np.testing.assert_array_equal(np.asarray(rec["image"]), images[i])
 
 
-def test_to_hf_text_only(tmp_path, small_tokenizer, kjv_path):
+def test_pack_dataset_directly_text_only_and_idempotent(tmp_path, small_tokenizer, kjv_path):
     from qovaryx_data import PackedDataset
-    from qovaryx_data.pack import pack
+    from qovaryx_data.hf import pack_dataset
 
     with open(kjv_path, encoding="utf-8") as f:
         verses = [next(f).rstrip("\n") for _ in range(30)]
-    hf = datasets.Dataset.from_dict({"text": verses})
-    from qovaryx_data.manifest import PackManifest
-
-    m = PackManifest(name="t", tokenizer=str(small_tokenizer), output=str(tmp_path / "out"),
-                     sources=(as_source(hf, tmp_path / "w"),))
-    pack(m, workers=1, progress=False)
-    ds = PackedDataset(tmp_path / "out")
-    out = ds.to_hf()
-    assert list(out.features) == ["input_ids"]
-    assert out["input_ids"] == [ds[i].tokens.tolist() for i in range(len(ds))]
+    hf = datasets.Dataset.from_dict({"verse": verses})
+    out = tmp_path / "out"
+    first = pack_dataset(hf, tokenizer=small_tokenizer, out=out, text_field="verse",
+                         shard_tokens=200, workers=1, progress=False)
+    assert not first.up_to_date and first.documents == 30
+    assert (tmp_path / "out.sources" / "hf-sources").is_dir()
+    again = pack_dataset(hf, tokenizer=small_tokenizer, out=out, text_field="verse",
+                         shard_tokens=200, workers=1, progress=False)
+    assert again.up_to_date                                   # same Dataset: nothing to do
+    ds = PackedDataset(out)
+    assert len(ds.info["shards"]) > 1                          # several shards, rows in order
+    exported = ds.to_hf()
+    assert list(exported.features) == ["input_ids"]
+    tok = ds.load_tokenizer()
+    assert exported["input_ids"] == [tok.encode(v, add_special_tokens=False).ids + [0]
+                                     for v in verses]
+    with pytest.raises(TypeError, match="unknown option.*'text_feild'"):
+        pack_dataset(hf, tokenizer=small_tokenizer, out=out, text_feild="verse")
