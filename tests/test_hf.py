@@ -130,6 +130,12 @@ def test_to_hf_iterable_streams_the_same_rows(round_trip):
         assert (rec["image"] is None) == (pics[i] is None)
         if pics[i] is not None:
             np.testing.assert_array_equal(np.asarray(rec["image"]), images[i])
+    # row ranges are shards, so DataLoader workers split the stream; order is kept
+    from qovaryx_data.hf import to_hf
+
+    sharded = to_hf(ds, iterable=True, rows_per_shard=16)
+    assert sharded.num_shards == 3
+    assert [r["input_ids"] for r in sharded] == [ds[i].tokens.tolist() for i in range(N)]
 
 
 def test_pack_dataset_directly_text_only_and_idempotent(tmp_path, small_tokenizer, kjv_path):
