@@ -231,7 +231,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
             skipped.update(meta["skipped"])
             room = SKIP_SAMPLE_LIMIT - len(samples)
             samples.extend(meta["samples"][:max(room, 0)])
-            fids = np.array([file_ids.setdefault(p, len(file_ids)) for p in meta["files"]] or [0],
+            fids = np.array([file_ids.setdefault(p, len(file_ids)) for p in meta["files"]],
                             dtype=np.int32)
             for si, s in enumerate(splits):
                 sel = part["split"] == si if len(splits) > 1 else slice(None)
@@ -653,19 +653,14 @@ class _DatasetWriter:
         n = len(lengths)
         if n == 0:
             return 0
-        ends = np.cumsum(part["lengths"], dtype=np.int64)
-        starts = ends - part["lengths"]
         tokens = part["tokens"]
         if not isinstance(sel, slice):
-            # the selected documents' tokens, in order (a copy; the part is small)
-            keep = np.repeat(sel, part["lengths"])
-            tokens = tokens[keep]
+            tokens = tokens[np.repeat(sel, part["lengths"])]   # the selected documents' tokens
         has_image = part["has_image"]
         img_rank = np.cumsum(has_image) - 1          # index of each row's pixels in the part
-        cols = {"files": fids[part["file_id"]][sel] if len(part["file_id"]) else part["file_id"][sel],
-                "rows": part["row"][sel], "decision": part["decision"][sel],
-                "position": part["position"][sel], "has_image": has_image[sel],
-                "img_rank": img_rank[sel]}
+        cols = {"files": fids[part["file_id"]][sel], "rows": part["row"][sel],
+                "decision": part["decision"][sel], "position": part["position"][sel],
+                "has_image": has_image[sel], "img_rank": img_rank[sel]}
         st = self.per_source[source]
         st["documents"] += n
         st["tokens"] += int(lengths.sum())
@@ -673,7 +668,6 @@ class _DatasetWriter:
         for c in cols["decision"][cols["decision"] >= 0]:
             st["decisions"][int(c)] += 1
         self.n_multimodal += int((cols["has_image"] | (cols["decision"] >= 0)).sum())
-        del starts
 
         i, tok_pos = 0, 0
         cum = np.cumsum(lengths, dtype=np.int64)
