@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from qovaryx_data.errors import ImageError
 
@@ -33,6 +33,17 @@ MODES: dict[str, int] = {"L": 1, "RGB": 3}
 RESIZE_POLICIES = ("fit", "crop", "stretch")
 
 RESAMPLE = Image.Resampling.BICUBIC  # used whenever a size actually changes
+
+# formats Pillow may open: common raster formats only. Excluded on purpose: EPS (runs
+# Ghostscript), and rare plugins nobody needs for training data (smaller attack surface).
+IMAGE_FORMATS = ("PNG", "JPEG", "JPEG2000", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "PPM", "TGA",
+                 "QOI")
+
+
+@functools.lru_cache(maxsize=1)
+def _open_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)   # AVIF depends on the build
 
 # what Pillow raises for an unreadable, corrupt or truncated image (its decoders use all of these)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
@@ -183,7 +194,7 @@ def load_image(value: bytes | bytearray | memoryview | str | os.PathLike, *, roo
         # Pillow only warns between its limit and twice its limit: that is an error here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(fp) as img:                      # lazy: reads the header only
+            with Image.open(fp, formats=_open_formats()) as img:   # lazy: reads the header
                 w, h = img.size
                 if w * h > spec.max_pixels:
                     raise ImageError(f"{where}: {what} is {w}x{h} = {w * h} pixels, over "
@@ -202,6 +213,10 @@ def load_image(value: bytes | bytearray | memoryview | str | os.PathLike, *, roo
                              f"images over min(images.max_pixels, PIL.Image.MAX_IMAGE_PIXELS = "
                              f"{Image.MAX_IMAGE_PIXELS}) pixels are refused",
                              reason="image_too_large", **err) from e
+        except UnidentifiedImageError as e:
+            raise ImageError(f"{where}: {what} is not an image in a supported format "
+                             f"({', '.join(_open_formats())}), or its header is corrupt; convert it "
+                             "or remove the row", reason="corrupt_image", **err) from e
         except _DECODE_ERRORS as e:
             raise ImageError(f"{where}: {what} is corrupt or truncated and cannot be decoded "
                              f"({type(e).__name__}: {e}); replace the file or remove the row",

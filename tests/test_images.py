@@ -207,3 +207,15 @@ def test_contact_sheet(fashion_mnist_dir, tmp_path):
         contact_sheet([images[0][:, :, None]], [], tmp_path / "x.png")
     with pytest.raises(ValueError, match="uint8"):
         to_pil(np.zeros((2, 2, 1), np.float32))
+
+
+def test_unsupported_format_refused(tmp_path):
+    # EPS would make Pillow run Ghostscript: it is not among the formats we open
+    eps = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(eps, format="EPS")
+    e = _raises("corrupt_image", eps.getvalue(), tmp_path)
+    assert "supported format" in str(e) and "PNG" in str(e)
+    for fmt in ("JPEG", "BMP", "TIFF", "WEBP", "GIF"):                  # the common ones open
+        b = io.BytesIO()
+        Image.new("L", (28, 28), 77).save(b, format=fmt)
+        assert load_image(b.getvalue(), root=tmp_path, spec=L28, where="x").shape == (28, 28, 1)
