@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -68,12 +69,86 @@ def tokenizer_stage(args, files: list[Path]) -> Path:
     return out
 
 
+def pack_stage(args, files: list[Path]) -> dict[str, Path]:
+    from qovaryx_data import PackedDataset, verify
+    from qovaryx_data.pack import pack
+    from qovaryx_data.manifest import load_manifest
+
+    manifest = load_manifest(MANIFEST)
+    if args.corpus:  # the user's corpus replaces the plays; everything else is the demo manifest's
+        from dataclasses import replace
+
+        from qovaryx_data.manifest import SourceSpec
+
+        manifest = replace(manifest, sources=(SourceSpec(path=args.corpus, split=args.split),))
+    manifest = replace_paths(manifest, args.build)
+    res = pack(manifest, workers=args.workers)
+    if res.up_to_date:
+        say("pack", f"up to date: {res.out}")
+    else:
+        say("pack", f"{res.documents:,} documents, {res.tokens:,} tokens in {res.seconds:.1f}s "
+                    f"({res.units_done}/{res.units} work units) -> {res.out}")
+    for split, folder in sorted(res.datasets.items()):
+        ds = PackedDataset(folder)
+        say("pack", f"  {split or 'all'}: {len(ds):,} documents, {ds.num_tokens:,} tokens ({folder})")
+    bad = verify(res.out)
+    if bad.bad:
+        raise SystemExit(f"verify failed: {bad.bad}")
+    say("verify", f"all files match their checksums ({res.out})")
+    return res.datasets
+
+
+def replace_paths(manifest, build: Path):
+    """Point the demo manifest's tokenizer/output at --build (its own paths assume build/)."""
+    from dataclasses import replace
+
+    return replace(manifest, tokenizer=str(build / "tokenizer"), output=str(build / "packed" / "shakespeare"))
+
+
+def model_stage(args, tokenizer_dir: Path, datasets: dict[str, Path]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qovaryx_data import PackedDataset
+    from qovaryx_data.collate import collate, text_window
+    from qovaryx_model.hf import init_scratch_base
+
+    out = args.build / f"qovaryx-{args.preset}-scratch-base"
+    if not (out / "config.json").exists():
+        init_scratch_base(args.preset, tokenizer_dir, out)
+        say("model", f"wrote a random-init {args.preset} scratch base -> {out}")
+    else:
+        say("model", f"up to date: {out}")
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    ds = PackedDataset(datasets.get("train") or next(iter(datasets.values())), tokenizer=tokenizer_dir)
+    seq = min(256, ds.num_tokens // 4)
+    rng = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, ds.num_tokens - seq, (4,), generator=rng).tolist()
+    batch = collate([text_window(ds, s, seq) for s in starts])
+    model.train()
+    out = model(**batch)
+    out.loss.backward()
+    say("model", f"{n_params:,} parameters; on a packed batch of 4x{seq} tokens: next-token loss "
+                 f"{out.lm_loss.item():.3f} (random init: about ln(vocab) = {math.log(len(tok)):.3f}), "
+                 f"total with MTP {out.loss.item():.3f}; backward reached "
+                 f"{sum(p.grad is not None for p in model.parameters())} of {len(list(model.parameters()))} tensors")
+    model.eval()
+    prompt = tok("To be, or not to be", return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    say("model", f"greedy sample (noise until trained): {tok.decode(gen[0])!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", help="your own corpus: a file, folder or glob of .txt/.jsonl/.jsonl.zst/.parquet "
                                     "(default: fetch the Shakespeare plays)")
     p.add_argument("--build", type=Path, default=REPO / "build", help="where everything is written (default: build/)")
     p.add_argument("--workers", type=int, default=None, help="pack worker processes (default: all cores)")
+    p.add_argument("--split", default="file", choices=["file", "line", "paragraph"],
+                   help="with --corpus of .txt files: one document per file, line or paragraph")
     p.add_argument("--vocab-size", type=int, default=20242, help="tokenizer size (default 20,242)")
     p.add_argument("--preset", default="debug", help="model preset for the model stage (debug, 50m, 350m, 1b)")
     args = p.parse_args(argv)
@@ -84,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         files = corpus_stage(args)
-        tokenizer_stage(args, files)
+        tokenizer_dir = tokenizer_stage(args, files)
+        datasets = pack_stage(args, files)
+        model_stage(args, tokenizer_dir, datasets)
     except QovaryxDataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
