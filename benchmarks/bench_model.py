@@ -37,18 +37,20 @@ def llama() -> LlamaForCausalLM:
 
 
 def time_all(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Fastest seconds per call of each function, measured round-robin so that a change in machine
-    load (other jobs on a shared box) hits every candidate alike; the minimum, as in `timeit`,
-    because load only ever adds time."""
+    """Fastest CPU seconds (`time.process_time`) per call of each function, measured round-robin.
+
+    CPU time rather than wall time, with one torch thread, because this box is shared: other jobs
+    deschedule us (wall time grows) but do not add to our CPU time. Round-robin and the minimum
+    (as in `timeit`) absorb what remains (cache contention)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(time.process_time() - t0)
     return {k: min(v) for k, v in times.items()}
 
 
@@ -74,15 +76,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a shared CPU a straggling OpenMP thread skews ratios; 0 = torch default)")
+                    help="torch threads (default 1: CPU time then equals compute time; 0 = torch default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    reps = 3 if args.quick else 7
+    reps = 3 if args.quick else 15
     torch.manual_seed(0)
     ids = torch.randint(8, SHAPE["vocab_size"], (args.batch, args.seq))
     print(f"shape {SHAPE}, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; times are CPU seconds (process_time), fastest of round-robin runs")
 
     base = llama().train()
     models = {"llama": base, "mtp1": ours(mtp_k=1).train(), "mtp4": ours(mtp_k=4).train()}

@@ -265,15 +265,15 @@ class QovaryxModel(QovaryxPreTrainedModel):
     def get_input_embeddings(self):
         return self.embed_tokens
 
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
     def run_block(self, block, x, rope, mask, cache=None, token_mask=None):
         """One block, recomputed in the backward when activation checkpointing is on (non-reentrant,
         so the router statistics returned beside x keep their gradient)."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, rope, mask, cache, token_mask, use_reentrant=False)
         return block(x, rope, mask, cache, token_mask)
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     def trunk(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
               document_ids=None, pixel_values=None, image_mask=None, use_cache=False) -> Trunk:
@@ -397,6 +397,12 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
 
         terms = []  # (weight, loss) that make up out.loss
         if labels is not None:
+            # padding is never a target, even when labels carry a token there (the card's loop passes
+            # labels=input_ids): attention_mask 0 or document id -1 (CONTRACTS.md)
+            if attention_mask is not None and attention_mask.shape[1] == T:
+                labels = labels.masked_fill(attention_mask == 0, IGNORE)
+            if document_ids is not None:
+                labels = labels.masked_fill(document_ids < 0, IGNORE)
             out.lm_loss = self._ce(out.logits, self._targets(labels, t.docs, 1))
             terms.append((1.0, out.lm_loss))
             if len(self.mtp) and T > 2:

@@ -222,6 +222,9 @@ def test_padding_does_not_change_real_tokens():
     got = model(input_ids=padded, attention_mask=mask).logits[:, :11]
     assert torch.isfinite(model(input_ids=padded, attention_mask=mask).logits).all()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    # labels=input_ids over the padding (the card's loop): padding targets are ignored, loss unchanged
+    torch.testing.assert_close(model(input_ids=padded, attention_mask=mask, labels=padded).loss,
+                               model(input_ids=ids, labels=ids).loss, atol=1e-5, rtol=1e-4)
 
 
 def test_targets_crossing_documents_are_ignored():
