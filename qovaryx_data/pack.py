@@ -500,17 +500,20 @@ def _load_image(row, spec):
 
 def _write_part(path: Path, arrays: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with open(tmp, "wb") as f:          # no fsync: a part is cheap to redo (see _load_part)
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def _load_part(path: Path) -> dict:
-    with np.load(path) as z:
-        part = {k: z[k] for k in z.files}
-    part["meta"] = json.loads(part["meta"].tobytes())
+    try:
+        with np.load(path) as z:
+            part = {k: z[k] for k in z.files}
+        part["meta"] = json.loads(part["meta"].tobytes())
+    except Exception as e:  # noqa: BLE001 - a part damaged by a crash (e.g. power loss)
+        path.unlink(missing_ok=True)
+        raise QovaryxDataError(f"{path}: a finished work unit is unreadable ({e}); it was "
+                               f"deleted, re-run the pack to redo it") from None
     return part
 
 
