@@ -351,3 +351,25 @@ def test_no_output_anywhere_is_an_error(small_tokenizer, tmp_path):
     with pytest.raises(Exception, match="no `output:`; give --out DIR"):
         pack(m, workers=1, progress=False)
     assert pack(m, out=tmp_path / "o", workers=1, progress=False).documents == 1
+
+
+def test_a_damaged_work_unit_is_reported_deleted_and_redone(small_tokenizer, kjv_path, tmp_path):
+    from qovaryx_data.errors import QovaryxDataError
+
+    (tmp_path / "v.txt").write_text(kjv_path.read_text()[:50000])
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "v.txt", "split": "line"}],
+                       unit_bytes=8192)
+    pack(m, workers=1, progress=False)
+    ref = files_of(tmp_path / "out")
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    (tmp_path / "out" / "dataset.json").unlink()          # as if killed before the end ...
+    work = tmp_path / "out" / ".work"
+    work.mkdir()
+    (work / "fingerprint").write_text(info["fingerprint"] + "\n")
+    (work / "unit-000002.npz").write_bytes(b"PK\x03\x04 half a zip")   # ... with a damaged unit
+    with pytest.raises(QovaryxDataError, match=r"unit-000002.npz: a finished work unit is "
+                                               r"unreadable .* re-run"):
+        pack(m, workers=1, progress=False)
+    r = pack(m, workers=1, progress=False)
+    assert r.units_done == r.units - 2          # units 0 and 1 were finished by the failed run
+    assert files_of(tmp_path / "out") == ref
