@@ -443,3 +443,15 @@ def test_bf16_autocast_and_bf16_weights(kind):
     q = torch.randn(1, 2, 3, 16, dtype=torch.bfloat16)
     cos, sin = rope_cos_sin(torch.arange(3)[None], 16, 10000.0, torch.float32)
     assert apply_rope(q, cos, sin).dtype == torch.bfloat16
+
+
+def test_docstring_examples():
+    import doctest
+
+    import qovaryx_model.config
+    import qovaryx_model.ffn
+    import qovaryx_model.model
+
+    for mod in (qovaryx_model.config, qovaryx_model.ffn, qovaryx_model.model):
+        result = doctest.testmod(mod)
+        assert result.attempted > 0 and result.failed == 0, mod.__name__
