@@ -101,6 +101,21 @@ def test_kv_cache_generation_equals_full_forward_greedy(kind):
     assert torch.equal(out[:1, 3:], greedy_without_cache(model, short, 12))
 
 
+def test_chunked_prefill_with_cache_equals_one_forward():
+    """Feeding a prompt in chunks through the KV cache (the causal mask offset by the cached length)
+    gives the logits of one full forward."""
+    torch.manual_seed(0)
+    model = QovaryxForCausalLM(QovaryxConfig.from_preset("debug", vocab_size=300)).eval()
+    ids = torch.randint(8, 300, (2, 15))
+    full = model(input_ids=ids, use_cache=False).logits
+    first = model(input_ids=ids[:, :6], use_cache=True)
+    second = model(input_ids=ids[:, 6:11], cache=first.cache, use_cache=True)
+    third = model(input_ids=ids[:, 11:], cache=second.cache, use_cache=True)
+    assert third.cache.get_seq_length() == 15
+    got = torch.cat([first.logits, second.logits, third.logits], 1)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-4)
+
+
 def test_export_loads_without_qovaryx_and_init_cli(tmp_path, tok_dir):
     torch.manual_seed(0)
     cfg = QovaryxConfig.from_preset("debug", vocab_size=1024, decision_head_enabled=True,
