@@ -143,13 +143,13 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="run every code path on CPU with the debug preset")
     ap.add_argument("--batch", type=int, default=8, help="batch size for the MFU measurement")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per MFU measurement")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of this GPU, if not in the table")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     if args.dry_run:
         print("dry run on CPU with the debug preset (no MFU or memory figures):")

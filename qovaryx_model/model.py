@@ -130,6 +130,23 @@ def _flash_attn():
     return _FLASH or None
 
 
+def varlen_segments(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """flash-attn varlen segments of a (B, T) batch flattened row-major: a segment starts where the
+    position restarts at 0 (a document start) and at every row start. Returns int32 cu_seqlens and
+    the longest segment.
+
+    >>> cu, longest = varlen_segments(torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]]))
+    >>> cu.tolist(), longest
+    ([0, 3, 5, 7, 10], 3)
+    """
+    B, T = positions.shape
+    is_start = positions == 0
+    is_start[:, 0] = True  # an MTP slice (or an image row's text) may begin mid-document
+    starts = torch.nonzero(is_start.reshape(-1)).flatten()
+    cu = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 def attend(q, k, v, mask: AttnMask, backend: str) -> torch.Tensor:
     """q (B, H, Tq, hd), k/v (B, KV, Tk, hd) -> (B, H, Tq, hd). GQA without repeating K/V."""
     if backend == "flash" and mask.flash_ok and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -139,9 +156,7 @@ def attend(q, k, v, mask: AttnMask, backend: str) -> torch.Tensor:
             if not mask.varlen:  # causal is bottom-right aligned in flash-attn >= 2.1, so caches work
                 return fa.flash_attn_func(qt, kt, vt, causal=True).transpose(1, 2)
             B, T = mask.positions.shape
-            starts = torch.nonzero(mask.positions.reshape(-1) == 0).flatten()
-            cu = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
-            max_len = int((cu[1:] - cu[:-1]).max())
+            cu, max_len = varlen_segments(mask.positions)
             out = fa.flash_attn_varlen_func(qt.reshape(B * T, *qt.shape[2:]), kt.reshape(B * T, *kt.shape[2:]),
                                             vt.reshape(B * T, *vt.shape[2:]), cu, cu, max_len, max_len, causal=True)
             return out.view(B, T, *out.shape[1:]).transpose(1, 2)

@@ -455,3 +455,21 @@ def test_docstring_examples():
     for mod in (qovaryx_model.config, qovaryx_model.ffn, qovaryx_model.model):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
+
+
+def test_gpu_check_dry_run_on_cpu(capsys):
+    """benchmarks/gpu_check.py cannot measure here (no GPU); its --dry-run runs every code path on
+    the debug preset, and without --dry-run it refuses clearly."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "debug flash" in out and "flops of one 350m step" in out
+    if not torch.cuda.is_available():
+        assert gpu_check.main([]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
