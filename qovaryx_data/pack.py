@@ -211,6 +211,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     dtype = token_dtype(vocab_size)
     settings = _Settings(m.tokenizer, tuple(configs), m.on_error, eos_id, m.min_tokens,
                          m.validation, dtype_name(dtype), image_spec, str(work))
+    _remove_other_layout(out_dir, splits)
     for f in folders.values():  # an older, different dataset here is no longer complete
         f.mkdir(parents=True, exist_ok=True)
         (f / DATASET_JSON).unlink(missing_ok=True)
@@ -276,6 +277,20 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     result.skipped = dict(sorted(skipped.items()))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _remove_other_layout(out_dir: Path, splits: list[str]) -> None:
+    """An earlier pack into `out_dir` with(out) a validation split left the other layout
+    (one dataset, or train/ + val/): remove it so that readers never open the stale one."""
+    if splits == [""]:
+        for s in ("train", "val"):
+            if (out_dir / s / DATASET_JSON).is_file():
+                shutil.rmtree(out_dir / s)
+    elif (out_dir / DATASET_JSON).is_file():
+        (out_dir / DATASET_JSON).unlink()
+        for p in out_dir.glob("shard-*"):
+            p.unlink()
+        shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
 
 
 def _version() -> str:

@@ -104,6 +104,7 @@ class PackedDataset:
         self._tok_starts = np.cumsum([0] + [s["num_tokens"] for s in info["shards"]])
         self._tok_starts_list = [int(x) for x in self._tok_starts]   # for bisect (hot path)
         self._doc_starts_list = [int(x) for x in self._doc_starts]
+        self._n_shards = len(self._tokens)
         self._meta: list[dict | None] = [None] * len(info["shards"])
         self._doc_offsets = None
         self._kinds = None
@@ -182,17 +183,17 @@ class PackedDataset:
 
         A view of the memmap inside one shard; a copy when the window crosses a shard boundary.
         """
-        if start < 0 or n < 0:
-            raise ValueError(f"window(start={start}, n={n}): both must be >= 0")
         starts = self._tok_starts_list
         s = bisect_right(starts, start) - 1
-        if s >= len(self._tokens):
-            return self._tokens[-1][:0]
-        lo = start - starts[s]
-        if start + n <= starts[s + 1]:
+        if 0 <= s < self._n_shards and 0 <= n and start + n <= starts[s + 1]:
+            lo = start - starts[s]                          # the common case: inside one shard
             return self._tokens[s][lo:lo + n]
-        pieces, need = [], n
-        while need > 0 and s < len(self._tokens):
+        if start < 0 or n < 0:
+            raise ValueError(f"window(start={start}, n={n}): both must be >= 0")
+        if s >= self._n_shards:
+            return self._tokens[-1][:0]
+        pieces, need, lo = [], n, start - starts[s]
+        while need > 0 and s < self._n_shards:
             piece = self._tokens[s][lo:lo + need]
             pieces.append(piece)
             need -= len(piece)

@@ -373,3 +373,19 @@ def test_a_damaged_work_unit_is_reported_deleted_and_redone(small_tokenizer, kjv
     r = pack(m, workers=1, progress=False)
     assert r.units_done == r.units - 2          # units 0 and 1 were finished by the failed run
     assert files_of(tmp_path / "out") == ref
+
+
+def test_switching_the_validation_split_replaces_the_old_layout(small_tokenizer, kjv_path,
+                                                                tmp_path):
+    (tmp_path / "v.txt").write_text(kjv_path.read_text()[:30000])
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "v.txt", "split": "line"}])
+    n = pack(m, workers=1, progress=False).documents
+    raw = yaml.safe_load(m.read_text())
+    m.write_text(yaml.safe_dump({**raw, "validation": 0.1}))
+    pack(m, workers=1, progress=False)
+    out = tmp_path / "out"
+    assert not (out / "dataset.json").exists() and not list(out.glob("shard-*"))
+    assert len(PackedDataset(out / "train")) + len(PackedDataset(out / "val")) == n
+    m.write_text(yaml.safe_dump(raw))
+    pack(m, workers=1, progress=False)
+    assert not (out / "train").exists() and len(PackedDataset(out)) == n
