@@ -92,8 +92,7 @@ def build_mask(valid: torch.Tensor | None, docs: torch.Tensor | None, positions:
     if docs is not None:
         m = m & (docs[:, None, :, None] == docs[:, None, None, :])
     m = m | (j == i)[None, None]  # every query sees itself: padded rows stay finite, never NaN
-    flash_ok = valid is None or bool(valid.all())
-    return AttnMask(m, is_causal=False, positions=positions, varlen=docs is not None, flash_ok=flash_ok)
+    return AttnMask(m, is_causal=False, positions=positions, varlen=docs is not None, flash_ok=valid is None)
 
 
 def positions_for(valid: torch.Tensor, docs: torch.Tensor | None) -> torch.Tensor:
