@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+# Version of the checkpoint layout (config fields + weight names) this code reads and writes.
+# A new major version means old folders need their own bundled code (trust_remote_code=True).
+FORMAT_VERSION = "1.0"
+
 FFN_KINDS = ("swiglu", "ternary_swiglu", "lowrank_swiglu", "routed_lowrank_swiglu")
 ATTN_BACKENDS = ("sdpa", "flash")
 CALIBRATION_KINDS = ("none", "brier")
@@ -91,6 +95,7 @@ class QovaryxConfig(PreTrainedConfig):
     pad_token_id: int | None = 1
     use_cache: bool = True
     initializer_gain: float = 1.0  # Xavier gain for Linear/Conv/Embedding (see docs/MODEL.md)
+    format_version: str = FORMAT_VERSION  # checkpoint layout version, written into config.json
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)  # sets HF aliases (hidden_size=...) through attribute_map first
@@ -99,6 +104,11 @@ class QovaryxConfig(PreTrainedConfig):
     def _validate(self) -> None:
         def bad(field: str, value, fix: str) -> ValueError:
             return ValueError(f"QovaryxConfig.{field}={value!r} is invalid: {fix}")
+
+        if str(self.format_version).split(".")[0] != FORMAT_VERSION.split(".")[0]:
+            raise bad("format_version", self.format_version,
+                      f"this code reads format {FORMAT_VERSION.split('.')[0]}.x; load the folder with its own "
+                      "bundled code (trust_remote_code=True, without importing qovaryx_model) or re-export it")
 
         for name in ("d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "vocab_size", "max_seq_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

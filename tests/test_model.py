@@ -68,6 +68,7 @@ def test_config_hf_names_and_round_trip():
     (dict(ffn_kind="lowrank_swiglu", ffn_rank=0), "ffn_rank"), (dict(attn_backend="xformers"), "attn_backend"),
     (dict(chart_patch_encoder_enabled=True, patch_size=5), "patch_size"), (dict(mtp_k=0), "mtp_k"),
     (dict(decision_class_weights=[1.0, 2.0]), "decision_class_weights"), (dict(mtp_weight=-1.0), "mtp_weight"),
+    (dict(format_version="2.0"), "format_version"),
 ])
 def test_invalid_config_names_the_field(kw, field):
     with pytest.raises(ValueError, match=rf"QovaryxConfig\.{field}="):
