@@ -85,10 +85,18 @@ def pack(manifest: PackManifest | str | os.PathLike, *, out: str | os.PathLike |
     if out is None and m.output is None:
         raise QovaryxDataError(f"manifest {m.name!r} has no `output:`; give --out DIR")
     out_dir = Path(out if out is not None else m.output).resolve()
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = max(1, workers or _usable_cores())
     out_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(out_dir / LOCK_FILE):
         return _pack_locked(m, out_dir, workers, progress, t0)
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class _Lock:
@@ -227,7 +235,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
         for k, stats in _run_units(units, settings, workers):
             if stats["ran"]:
                 result.units_done += 1
-            part = _load_part(_part_path(work, k))
+            part = _load_part(_part_path(work, k), image_spec.shape if image_spec else None)
             meta = part["meta"]
             skipped.update(meta["skipped"])
             room = SKIP_SAMPLE_LIMIT - len(samples)
@@ -414,95 +422,127 @@ def _process_unit(arg) -> tuple[str, dict]:
                          "message": str(e), "path": e.path, "row": e.row, "reason": e.reason}
 
 
+CHUNK_ROWS = 4096               # rows tokenized per encode_batch call inside a unit
+CHUNK_PIXEL_BYTES = 64 << 20   # ... or fewer, once their decoded images reach this many bytes
+
+
 def _tokenize_unit(k: int, unit) -> dict:
-    """Read, tokenize and store one unit as a part file; returns its counts."""
+    """Read, tokenize and store one unit as a part (unit-K.npz, plus unit-K.pix with its pixels);
+    returns its counts. Rows are handled in chunks, so a worker holds at most one chunk of
+    decoded images; pixels go straight to disk."""
     from qovaryx_data.sources import Skipped, iter_unit
 
     s: _Settings = _W["settings"]
     cfg = s.source_configs[unit.source_index]
-    skip = s.on_error == "skip"
-    skipped: Counter = Counter()
-    samples: list[dict] = []
-
-    def record(path, row, reason, message):
-        skipped[reason] += 1
-        if len(samples) < SKIP_SAMPLE_LIMIT:
-            samples.append({"path": path, "row": row, "reason": reason, "message": message})
-
-    rows, images = [], []
+    part = _UnitPart(_part_path(Path(s.work_dir), k), s)
+    chunk, chunk_bytes = [], 0
     for item in iter_unit(unit, cfg, s.on_error):
         if isinstance(item, Skipped):
-            record(item.path, item.row, item.reason, item.message)
+            part.record(item.path, item.row, item.reason, item.message)
             continue
         pixels = None
         if item.image is not None:
             try:
                 pixels = _load_image(item, s.image_spec)
             except SourceError as e:
-                if not skip:
+                if s.on_error != "skip":
                     raise
-                record(e.path or item.path, e.row if e.row is not None else item.row, e.reason,
-                       str(e))
+                part.record(e.path or item.path, item.row if e.row is None else e.row, e.reason,
+                            str(e))
                 continue
-        rows.append(item)
-        images.append(pixels)
+            chunk_bytes += pixels.nbytes
+        chunk.append((item, pixels))
+        if len(chunk) >= CHUNK_ROWS or chunk_bytes >= CHUNK_PIXEL_BYTES:
+            part.add_rows(chunk)
+            chunk, chunk_bytes = [], 0
+    part.add_rows(chunk)
+    return part.finish(k)
 
-    tok = _W["tok"]
-    encs = tok.encode_batch_fast([r.text for r in rows], add_special_tokens=False) if rows else []
-    keep_ids, lengths, split, row_no, files, decision, position, has_image = ([] for _ in range(8))
-    kept_pixels = []
-    file_ids: dict[str, int] = {}
-    val_cut = int(s.validation * 2 ** 64)
-    for r, enc, pixels in zip(rows, encs, images):
-        ids = enc.ids
-        n_text = len(ids)
-        multimodal = pixels is not None or r.decision is not None
-        if not multimodal and n_text < s.min_tokens:
-            record(r.path, r.row, "too_short", f"{r.path} row {r.row}: {n_text} tokens, fewer "
-                   f"than min_tokens = {s.min_tokens}")
-            continue
-        if s.eos_id is not None:
-            ids.append(s.eos_id)
-        pos = -1
-        if r.decision is not None:
-            pos = len(ids) - 1 if r.decision_position is None else r.decision_position
-            if not 0 <= pos < (n_text if r.decision_position is not None else len(ids)):
-                e = SourceError(f"{r.path} row {r.row}: decision position {r.decision_position} "
-                                f"is outside the row's {n_text} text tokens (0..{n_text - 1}); "
-                                f"fix the position field or the text", path=r.path, row=r.row,
-                                reason="bad_position")
-                if not skip:
-                    raise e
-                record(r.path, r.row, e.reason, str(e))
+
+class _UnitPart:
+    """The documents of one work unit, collected chunk by chunk and written as a part."""
+
+    def __init__(self, path: Path, settings: _Settings):
+        self.path, self.s = path, settings
+        self.pix_path = path.with_suffix(".pix")
+        self.pix_tmp = self.pix_path.with_name(f".{self.pix_path.name}.tmp-{os.getpid()}")
+        self.pix_file = None
+        self.skipped: Counter = Counter()
+        self.samples: list[dict] = []
+        self.file_ids: dict[str, int] = {}
+        self.ids: list[list[int]] = []
+        self.cols: dict[str, list] = {c: [] for c in ("split", "row", "file_id", "decision",
+                                                       "position", "has_image")}
+        self.val_cut = int(settings.validation * 2 ** 64)
+
+    def record(self, path, row, reason, message) -> None:
+        self.skipped[reason] += 1
+        if len(self.samples) < SKIP_SAMPLE_LIMIT:
+            self.samples.append({"path": path, "row": row, "reason": reason, "message": message})
+
+    def add_rows(self, chunk: list) -> None:
+        """Tokenize a chunk of (Row, pixels or None), check it, keep its documents."""
+        if not chunk:
+            return
+        s = self.s
+        encs = _W["tok"].encode_batch_fast([r.text for r, _ in chunk], add_special_tokens=False)
+        for (r, pixels), enc in zip(chunk, encs):
+            ids = enc.ids
+            n_text = len(ids)
+            if pixels is None and r.decision is None and n_text < s.min_tokens:
+                self.record(r.path, r.row, "too_short", f"{r.path} row {r.row}: {n_text} "
+                            f"tokens, fewer than min_tokens = {s.min_tokens}")
                 continue
-        h = xxhash.xxh3_64(r.text.encode("utf-8", "surrogatepass"))
-        if pixels is not None:
-            h.update(pixels.tobytes())
-        if r.decision is not None:
-            h.update(bytes([r.decision]))
-        split.append(1 if h.intdigest() < val_cut else 0)
-        keep_ids.append(ids)
-        lengths.append(len(ids))
-        row_no.append(r.row)
-        files.append(file_ids.setdefault(r.path, len(file_ids)))
-        decision.append(-1 if r.decision is None else r.decision)
-        position.append(pos)
-        has_image.append(pixels is not None)
-        if pixels is not None:
-            kept_pixels.append(pixels)
+            if s.eos_id is not None:
+                ids.append(s.eos_id)
+            pos = -1
+            if r.decision is not None:
+                pos = len(ids) - 1 if r.decision_position is None else r.decision_position
+                if not 0 <= pos < (len(ids) if r.decision_position is None else n_text):
+                    e = SourceError(f"{r.path} row {r.row}: decision position "
+                                    f"{r.decision_position} is outside the row's {n_text} text "
+                                    f"tokens (0..{n_text - 1}); fix the position field or the "
+                                    f"text", path=r.path, row=r.row, reason="bad_position")
+                    if s.on_error != "skip":
+                        raise e
+                    self.record(r.path, r.row, e.reason, str(e))
+                    continue
+            h = xxhash.xxh3_64(r.text.encode("utf-8", "surrogatepass"))
+            if pixels is not None:
+                h.update(pixels.tobytes())
+                if self.pix_file is None:
+                    self.pix_file = open(self.pix_tmp, "wb")
+                self.pix_file.write(pixels.tobytes())
+            if r.decision is not None:
+                h.update(bytes([r.decision]))
+            self.ids.append(ids)
+            c = self.cols
+            c["split"].append(1 if h.intdigest() < self.val_cut else 0)
+            c["row"].append(r.row)
+            c["file_id"].append(self.file_ids.setdefault(r.path, len(self.file_ids)))
+            c["decision"].append(-1 if r.decision is None else r.decision)
+            c["position"].append(pos)
+            c["has_image"].append(pixels is not None)
 
-    total = sum(lengths)
-    tokens = np.fromiter(chain.from_iterable(keep_ids), dtype=_W["dtype"], count=total)
-    shape = s.image_spec.shape if s.image_spec is not None else (0, 0, 0)
-    pix = (np.stack(kept_pixels) if kept_pixels else np.zeros((0, *shape), np.uint8))
-    meta = {"unit": k, "files": list(file_ids), "skipped": dict(skipped), "samples": samples}
-    arrays = dict(tokens=tokens, lengths=np.array(lengths, np.int64),
-                  split=np.array(split, np.uint8), row=np.array(row_no, np.int64),
-                  file_id=np.array(files, np.int32), decision=np.array(decision, np.int8),
-                  position=np.array(position, np.int64), has_image=np.array(has_image, bool),
-                  pixels=pix, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-    _write_part(_part_path(Path(s.work_dir), k), arrays)
-    return {"documents": len(lengths), "tokens": total}
+    def finish(self, k: int) -> dict:
+        """Write the part atomically: pixels first, the .npz (the completion mark) last."""
+        lengths = np.array([len(x) for x in self.ids], np.int64)
+        total = int(lengths.sum())
+        tokens = np.fromiter(chain.from_iterable(self.ids), dtype=_W["dtype"], count=total)
+        if self.pix_file is not None:
+            self.pix_file.close()
+            os.replace(self.pix_tmp, self.pix_path)
+        c = self.cols
+        meta = {"unit": k, "files": list(self.file_ids), "skipped": dict(self.skipped),
+                "samples": self.samples}
+        arrays = dict(tokens=tokens, lengths=lengths, split=np.array(c["split"], np.uint8),
+                      row=np.array(c["row"], np.int64), file_id=np.array(c["file_id"], np.int32),
+                      decision=np.array(c["decision"], np.int8),
+                      position=np.array(c["position"], np.int64),
+                      has_image=np.array(c["has_image"], bool),
+                      meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        _write_part(self.path, arrays)
+        return {"documents": len(lengths), "tokens": total}
 
 
 def _load_image(row, spec):
@@ -520,11 +560,16 @@ def _write_part(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_part(path: Path) -> dict:
+def _load_part(path: Path, image_shape) -> dict:
+    """A finished part; its pixels (n_images, H, W, C) are memory-mapped from unit-K.pix."""
     try:
         with np.load(path) as z:
             part = {k: z[k] for k in z.files}
         part["meta"] = json.loads(part["meta"].tobytes())
+        n_img = int(part["has_image"].sum())
+        shape = (n_img, *(image_shape or (0, 0, 0)))
+        part["pixels"] = (np.memmap(path.with_suffix(".pix"), np.uint8, "r", shape=shape)
+                          if n_img else np.zeros(shape, np.uint8))
     except Exception as e:  # noqa: BLE001 - a part damaged by a crash (e.g. power loss)
         path.unlink(missing_ok=True)
         raise QovaryxDataError(f"{path}: a finished work unit is unreadable ({e}); it was "

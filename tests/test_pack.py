@@ -389,3 +389,26 @@ def test_switching_the_validation_split_replaces_the_old_layout(small_tokenizer,
     m.write_text(yaml.safe_dump(raw))
     pack(m, workers=1, progress=False)
     assert not (out / "train").exists() and len(PackedDataset(out)) == n
+
+
+def test_chunked_units_give_the_same_bytes(text_corpus, fashion_mnist_dir, tmp_path, monkeypatch):
+    """Rows are tokenized (and images decoded) chunk by chunk inside a unit: the chunk size,
+    which bounds a worker's memory, never changes the output."""
+    import qovaryx_data.pack as P
+    from fmnist import load_fashion_mnist, write_png_source
+
+    images, labels = load_fashion_mnist(fashion_mnist_dir, 30)
+    write_png_source(tmp_path / "img", images, labels, text_only=text_corpus["verses"][:40])
+    m = write_manifest(tmp_path, text_corpus["tok"],
+                       [{"path": "img/rows.jsonl", "image_field": "image",
+                         "decision_field": "label"},
+                        {"path": str(text_corpus["root"] / "src" / "kjv.txt"), "split": "line"}],
+                       images={"size": [28, 28], "mode": "L"})
+    pack(m, out=tmp_path / "ref", workers=1, progress=False)
+    monkeypatch.setattr(P, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(P, "CHUNK_PIXEL_BYTES", 3 * 28 * 28)       # 3 images per chunk
+    r = pack(m, out=tmp_path / "small", workers=1, progress=False)
+    assert files_of(tmp_path / "small") == files_of(tmp_path / "ref")
+    ds = PackedDataset(tmp_path / "small")
+    assert r.documents == 30 + 40 + KJV_LINES and len(ds.multimodal_doc_indices) == 30
+    assert np.array_equal(ds[int(ds.multimodal_doc_indices[-1])].image[:, :, 0], images[-1])
