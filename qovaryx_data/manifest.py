@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ ON_ERROR = ("fail", "skip")
 SEPARATORS = ("eos", "none")
 DEFAULT_UNIT_BYTES = 1 << 20  # mirrors sources.DEFAULT_UNIT_BYTES
 DEFAULT_UNIT_ROWS = 8192      # mirrors sources.DEFAULT_UNIT_ROWS
+NUM_DECISION_CLASSES = 4      # the decision head's classes (CONTRACTS.md)
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,6 @@ class SourceSpec:
                             decision_position=self.decision_position, errors=self.errors,
                             num_decision_classes=NUM_DECISION_CLASSES)
 
-
-NUM_DECISION_CLASSES = 4
 
 
 @dataclass(frozen=True)

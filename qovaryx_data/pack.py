@@ -37,11 +37,11 @@ import numpy as np
 import xxhash
 
 from qovaryx_data.errors import QovaryxDataError, SourceError
-from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, META_FORMAT_KEY, META_FORMAT_VALUE,
-                                 META_VERSION_KEY, dtype_name, pack_header, padded, read_header,
-                                 token_dtype, HEADER_SIZE)
+from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_SIZE, META_FORMAT_KEY,
+                                 META_FORMAT_VALUE, META_VERSION_KEY, dtype_name, pack_header,
+                                 padded, token_dtype)
 from qovaryx_data.manifest import (DATASET_JSON, NUM_DECISION_CLASSES, PackManifest, load_manifest,
-                                   read_dataset_json, write_dataset_json, write_json_atomic)
+                                   read_dataset_json, write_dataset_json)
 
 PACK_CODE_VERSION = 1          # bump when the packer's output for the same inputs changes
 SKIP_SAMPLE_LIMIT = 100        # (file, row, reason) examples kept in dataset.json
