@@ -113,3 +113,15 @@ def test_dataset_json_round_trip_and_refusals(tmp_path):
     (tmp_path / "dataset.json").unlink()
     with pytest.raises(FormatError, match="dataset.json: missing.*incomplete"):
         read_dataset_json(tmp_path)
+
+
+def test_defaults_mirror_the_readers():
+    from qovaryx_data import sources
+
+    from qovaryx_data import manifest
+
+    assert manifest.DEFAULT_UNIT_BYTES == sources.DEFAULT_UNIT_BYTES
+    assert manifest.DEFAULT_UNIT_ROWS == sources.DEFAULT_UNIT_ROWS
+    assert manifest.FORMATS == sources.FORMATS and manifest.SPLITS == sources.SPLITS
+    assert set(SourceSpec.__dataclass_fields__) | {"num_decision_classes"} == \
+        set(sources.SourceConfig.__dataclass_fields__)

@@ -412,3 +412,12 @@ def test_chunked_units_give_the_same_bytes(text_corpus, fashion_mnist_dir, tmp_p
     ds = PackedDataset(tmp_path / "small")
     assert r.documents == 30 + 40 + KJV_LINES and len(ds.multimodal_doc_indices) == 30
     assert np.array_equal(ds[int(ds.multimodal_doc_indices[-1])].image[:, :, 0], images[-1])
+
+
+def test_cli_reports_a_bad_row_with_file_and_line(small_tokenizer, tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "x.jsonl"}])
+    result = CliRunner().invoke(main, ["pack", "--manifest", str(m), "--no-progress"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and "x.jsonl" in result.output
+    assert "line 2" in result.output or "row 2" in result.output
