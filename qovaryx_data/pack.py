@@ -579,32 +579,51 @@ def _load_part(path: Path, image_shape) -> dict:
 
 # ============================================================================ assembling
 
-_META_SCHEMA = None
+# (column, numpy dtype, nullable): shard-NNNNN.meta.arrow, one row per document
+META_COLUMNS = (
+    ("source", np.int16, False),            # index into dataset.json sources
+    ("file", np.int32, False),              # index into dataset.json source_files
+    ("row", np.int64, False),               # row / line within that file
+    ("decision", np.int8, True),            # class 0..3; null: no label
+    ("decision_position", np.int32, True),  # index into the row's tokens; null: no label
+    ("image", np.int32, True),              # index into the shard's .img; null: no image
+)
 
 
 def meta_schema():
-    """Arrow schema of shard-NNNNN.meta.arrow (one row per document)."""
+    """Arrow schema of shard-NNNNN.meta.arrow, format and version in its metadata."""
     import pyarrow as pa
 
-    global _META_SCHEMA
-    if _META_SCHEMA is None:
-        _META_SCHEMA = pa.schema(
-            [pa.field("source", pa.int16(), nullable=False),      # index into dataset.json sources
-             pa.field("file", pa.int32(), nullable=False),        # index into source_files
-             pa.field("row", pa.int64(), nullable=False),         # row/line within that file
-             pa.field("decision", pa.int8()),                     # class 0..3, null: no label
-             pa.field("decision_position", pa.int32()),           # index into the row's tokens
-             pa.field("image", pa.int32())],                      # index into the shard's .img
-            metadata={META_FORMAT_KEY: META_FORMAT_VALUE, META_VERSION_KEY: FORMAT_VERSION.encode()})
-    return _META_SCHEMA
+    return pa.schema([pa.field(name, pa.from_numpy_dtype(dt), nullable=null)
+                      for name, dt, null in META_COLUMNS],
+                     metadata={META_FORMAT_KEY: META_FORMAT_VALUE,
+                               META_VERSION_KEY: FORMAT_VERSION.encode()})
+
+
+def _meta_batch(cols: dict[str, np.ndarray]):
+    """One record batch; a null slot holds -1 in the values buffer (readers may map the values
+    without the validity bitmap: docs/FORMAT.md)."""
+    import pyarrow as pa
+
+    arrays = []
+    for name, dt, nullable in META_COLUMNS:
+        values = np.ascontiguousarray(cols[name], dtype=dt)
+        validity = None
+        if nullable and (values < 0).any():
+            validity = pa.py_buffer(np.packbits(values >= 0, bitorder="little").tobytes())
+        arrays.append(pa.Array.from_buffers(pa.from_numpy_dtype(dt), len(values),
+                                            [validity, pa.py_buffer(values.tobytes())]))
+    return pa.record_batch(arrays, schema=meta_schema())
 
 
 class _ShardWriter:
-    """One shard being written: .tok, .idx, .meta.arrow and (if any row has one) .img, temp names."""
+    """One shard being written: .tok, .idx, .meta.arrow and (if any row has one) .img, temp names.
+
+    Tokens, offsets and pixels are appended as they come; the metadata columns (a few bytes per
+    document, bounded by the shard size) are kept until the shard closes and written as a single
+    record batch, so readers map each column as one zero-copy array."""
 
     def __init__(self, folder: Path, index: int, dtype: np.dtype, image_shape):
-        import pyarrow as pa
-
         self.folder, self.index, self.dtype, self.image_shape = folder, index, dtype, image_shape
         self.stem = f"shard-{index:05d}"
         self.n_docs = 0
@@ -616,8 +635,7 @@ class _ShardWriter:
         self.idx.write(pack_header("offsets", np.int64, 0))
         self.idx.write(np.zeros(1, "<i8").tobytes())
         self.img = None
-        self.meta_sink = pa.OSFile(str(self._tmp(".meta.arrow")), "wb")
-        self.meta = pa.ipc.new_file(self.meta_sink, meta_schema())
+        self.meta: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in META_COLUMNS}
 
     def _tmp(self, ext: str) -> Path:
         return self.folder / f".{self.stem}{ext}.tmp"
@@ -625,12 +643,10 @@ class _ShardWriter:
     def add(self, tokens: np.ndarray, lengths: np.ndarray, source: int, files: np.ndarray,
             rows: np.ndarray, decision: np.ndarray, position: np.ndarray,
             has_image: np.ndarray, pixels: np.ndarray) -> None:
-        import pyarrow as pa
-
         self.tok.write(tokens.astype(self.dtype, copy=False).tobytes())
         ends = self.n_tokens + np.cumsum(lengths, dtype=np.int64)
         self.idx.write(ends.astype("<i8").tobytes())
-        img_index = np.full(len(lengths), -1, np.int64)
+        img_index = np.full(len(lengths), -1, np.int32)
         if has_image.any():
             n = int(has_image.sum())
             img_index[has_image] = self.n_images + np.arange(n)
@@ -644,23 +660,24 @@ class _ShardWriter:
                 flat = np.concatenate([flat, np.zeros((n, pad), np.uint8)], axis=1)
             self.img.write(flat.tobytes())
             self.n_images += n
-        self.meta.write_batch(pa.record_batch([
-            pa.array(np.full(len(lengths), source, np.int16)),
-            pa.array(files, pa.int32()),
-            pa.array(rows, pa.int64()),
-            pa.array(decision, pa.int8(), mask=decision < 0),
-            pa.array(position.astype(np.int32), pa.int32(), mask=position < 0),
-            pa.array(img_index.astype(np.int32), pa.int32(), mask=img_index < 0),
-        ], schema=meta_schema()))
+        for name, values in (("source", np.full(len(lengths), source, np.int16)),
+                             ("file", files), ("row", rows), ("decision", decision),
+                             ("decision_position", position), ("image", img_index)):
+            self.meta[name].append(values)
         self.n_docs += len(lengths)
         self.n_tokens += int(lengths.sum())
 
     def close(self) -> dict:
         """Finish headers and padding, rename into place; returns the shard's dataset.json entry."""
+        import pyarrow as pa
+
         _finish(self.tok, pack_header("tokens", self.dtype, self.n_tokens))
         _finish(self.idx, pack_header("offsets", np.int64, self.n_docs + 1))
-        self.meta.close()
-        self.meta_sink.close()
+        cols = {name: (np.concatenate(parts) if parts else np.zeros(0, dt))
+                for (name, dt, _), parts in zip(META_COLUMNS, self.meta.values())}
+        with pa.OSFile(str(self._tmp(".meta.arrow")), "wb") as sink:
+            with pa.ipc.new_file(sink, meta_schema()) as w:
+                w.write_batch(_meta_batch(cols))
         names = {"tokens": f"{self.stem}.tok", "offsets": f"{self.stem}.idx",
                  "meta": f"{self.stem}.meta.arrow", "images": None}
         os.replace(self._tmp(".tok"), self.folder / names["tokens"])
@@ -677,11 +694,6 @@ class _ShardWriter:
         for f in (self.tok, self.idx, self.img):
             if f is not None:
                 f.close()
-        try:
-            self.meta.close()
-        except Exception:  # noqa: BLE001 - best effort cleanup of temp files
-            pass
-        self.meta_sink.close()
         for ext in (".tok", ".idx", ".img", ".meta.arrow"):
             self._tmp(ext).unlink(missing_ok=True)
 

@@ -241,8 +241,13 @@ class PackedDataset:
 
 
 def _read_meta(path: Path) -> dict[str, np.ndarray]:
-    """Columns of a shard's metadata Arrow file as numpy (nulls as -1)."""
+    """Columns of a shard's metadata Arrow file as numpy arrays, nulls read as -1.
+
+    Files written by qovaryx hold one record batch whose null slots carry -1 in the values
+    buffer: each column is then a zero-copy view of the memory map. Other files are converted."""
     import pyarrow as pa
+
+    from qovaryx_data.pack import META_COLUMNS
 
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
@@ -255,13 +260,20 @@ def _read_meta(path: Path) -> dict[str, np.ndarray]:
     version = md.get(META_VERSION_KEY, b"").decode()
     if version.split(".")[0] != str(FORMAT_MAJOR):
         raise FormatError(f"{path}: metadata version {version!r}, expected major {FORMAT_MAJOR}")
-    table = reader.read_all()
     out = {}
-    for name in ("source", "file", "row", "decision", "decision_position", "image"):
-        col = table.column(name)
-        if col.null_count:
-            col = col.fill_null(-1)
-        out[name] = col.to_numpy().astype(np.int64, copy=False)
+    if reader.num_record_batches == 1:
+        batch = reader.get_batch(0)
+        for name, dt, _ in META_COLUMNS:
+            col = batch.column(name)
+            if col.type != pa.from_numpy_dtype(dt):
+                raise FormatError(f"{path}: column {name!r} is {col.type}, expected "
+                                  f"{pa.from_numpy_dtype(dt)}")
+            out[name] = np.frombuffer(col.buffers()[1], dtype=dt, count=len(col),
+                                      offset=col.offset * np.dtype(dt).itemsize)
+        return out
+    table = reader.read_all()
+    for name, dt, _ in META_COLUMNS:
+        out[name] = table.column(name).fill_null(-1).to_numpy().astype(dt, copy=False)
     return out
 
 

@@ -230,3 +230,20 @@ def test_inspect_reports_counts_sources_skips_histogram_and_sample(packed, tmp_p
     assert result.exit_code == 0, result.output
     assert "document lengths" in result.stdout and "skipped: none" in result.stdout
     assert "sample #0" in result.stdout and png.stat().st_size > 1000
+
+
+def test_metadata_is_arrow_with_nulls_and_read_without_copy(packed):
+    import pyarrow as pa
+
+    ds = PackedDataset(packed["out"])
+    last = len(ds.info["shards"]) - 1                 # the shard holding the 12 image rows
+    path = packed["out"] / ds.info["shards"][last]["meta"]
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    n = ds.info["shards"][last]["num_documents"]
+    assert table.num_rows == n and table.schema.metadata[b"qovaryx.format"] == b"qovaryx-meta"
+    assert table.column("decision").null_count == n - 12 == table.column("image").null_count
+    assert table.column("image").to_pylist()[-12:] == list(range(12))
+    meta = ds._shard_meta(last)
+    for name, col in meta.items():
+        assert not col.flags.owndata and not col.flags.writeable, name   # views of the mapping
+    assert meta["decision"][0] == -1 and meta["image"][-1] == 11
