@@ -6,7 +6,7 @@ Prints ratios measured in this run (higher tokens/s ratio = we are faster):
   3. greedy decode tokens/s with a KV cache, ours vs Llama                              (goal >= 1.0x)
   4. step time of each FFN backend / swiglu                            (goal: ternary <= 1.5x)
 
-    .venv/bin/python benchmarks/bench_model.py            # ~2-3 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_model.py            # about 1 minute (one thread, CPU time)
     .venv/bin/python benchmarks/bench_model.py --quick    # smaller repeat counts
 """
 from __future__ import annotations
