@@ -108,6 +108,7 @@ class PackedDataset:
         self._meta: list[dict | None] = [None] * len(info["shards"])
         self._doc_offsets = None
         self._kinds = None
+        self._text_idx = self._mm_idx = None
         self.num_tokens = int(self._tok_starts[-1])
         self.tokenizer_dir = self.path / info["tokenizer"]["path"]
         dec = info.get("decision") or {}
@@ -200,6 +201,25 @@ class PackedDataset:
             s, lo = s + 1, 0
         return np.concatenate(pieces)
 
+    def document_starts(self, start: int, n: int) -> np.ndarray:
+        """Positions in [0, n), relative to `start`, where a document begins inside
+        window(start, n): O(log documents) binary searches in the offset memmaps, no O(documents)
+        array (unlike doc_offsets). A position 0 means a document begins at `start` itself.
+
+            >>> ds.document_starts(1, 6)      # documents at 0, 3, 5, 5, 9  # doctest: +SKIP
+            array([2, 4])
+        """
+        starts = self._tok_starts_list
+        s = max(bisect_right(starts, start) - 1, 0)
+        out, end = [], start + n
+        while s < self._n_shards and starts[s] < end:
+            off = self._offsets[s][:-1]                   # document starts within the shard
+            lo, hi = max(start - starts[s], 0), end - starts[s]
+            a, b = np.searchsorted(off, lo, "left"), np.searchsorted(off, hi, "left")
+            out.append(np.unique(off[a:b]) + (starts[s] - start))
+            s += 1
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
     @property
     def doc_offsets(self) -> np.ndarray:
         """int64 (n_docs + 1) offsets of every document in the concatenated stream (built once,
@@ -219,13 +239,17 @@ class PackedDataset:
 
     @property
     def text_doc_indices(self) -> np.ndarray:
-        """Indices of text-only rows (packed into windows across documents)."""
-        return np.flatnonzero(~self._row_kinds()).astype(np.int64)
+        """Indices of text-only rows (packed into windows across documents); built on first use."""
+        if self._text_idx is None:
+            self._text_idx = np.flatnonzero(~self._row_kinds()).astype(np.int64)
+        return self._text_idx
 
     @property
     def multimodal_doc_indices(self) -> np.ndarray:
         """Indices of rows with an image or a decision label (served whole, one per example)."""
-        return np.flatnonzero(self._row_kinds()).astype(np.int64)
+        if self._mm_idx is None:
+            self._mm_idx = np.flatnonzero(self._row_kinds()).astype(np.int64)
+        return self._mm_idx
 
     def load_tokenizer(self):
         """The tokenizers.Tokenizer stored with the data."""

@@ -247,3 +247,16 @@ def test_metadata_is_arrow_with_nulls_and_read_without_copy(packed):
     for name, col in meta.items():
         assert not col.flags.owndata and not col.flags.writeable, name   # views of the mapping
     assert meta["decision"][0] == -1 and meta["image"][-1] == 11
+
+
+def test_document_starts_inside_windows_match_doc_offsets(packed):
+    ds = PackedDataset(packed["out"])
+    off = ds.doc_offsets
+    boundary = ds.info["shards"][0]["num_tokens"]
+    rng = np.random.default_rng(0)
+    for start in [0, 1, boundary - 100, boundary, ds.num_tokens - 50,
+                  *rng.integers(0, ds.num_tokens, 50)]:
+        start = int(start)
+        got = ds.document_starts(start, 2049)
+        inside = off[(off >= start) & (off < start + 2049) & (off < ds.num_tokens)]
+        assert got.tolist() == sorted(set((inside - start).tolist())), start
