@@ -137,7 +137,7 @@ class PackedDataset:
 
     # ---- rows ----
     def __len__(self) -> int:
-        return int(self._doc_starts[-1])
+        return self._doc_starts_list[-1]
 
     def _locate(self, i: int) -> tuple[int, int]:
         i = operator.index(i)
