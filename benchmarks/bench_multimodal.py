@@ -32,7 +32,7 @@ from fmnist import load_fashion_mnist, write_png_source  # noqa: E402
 
 from qovaryx_data import PackedDataset, train_bpe  # noqa: E402
 from qovaryx_data.images import ImageSpec, load_image  # noqa: E402
-from qovaryx_data.pack import pack  # noqa: E402
+from qovaryx_data.packer import pack  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:

@@ -88,7 +88,7 @@ def peak_rss_of_pack(manifest: Path, out: Path, workers: int) -> tuple[float, fl
     """(seconds, peak RSS in MiB of the whole process tree) of a pack in a fresh process."""
     import psutil
 
-    code = ("import sys; from qovaryx_data.pack import pack; "
+    code = ("import sys; from qovaryx_data.packer import pack; "
             "pack(sys.argv[1], out=sys.argv[2], workers=int(sys.argv[3]), progress=False)")
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code, str(manifest), str(out), str(workers)])
@@ -117,7 +117,7 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from tokenizers import Tokenizer
 
-    from qovaryx_data.pack import pack
+    from qovaryx_data.packer import pack
 
     tok_dir = tokenizer_dir(args.tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix="bench_pack_"))

@@ -80,7 +80,7 @@ def main() -> None:
     import yaml
 
     from qovaryx_data import PackedDataset
-    from qovaryx_data.pack import pack
+    from qovaryx_data.packer import pack
 
     datasets.disable_progress_bars()
     tmp = Path(tempfile.mkdtemp(prefix="bench_read_"))

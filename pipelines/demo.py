@@ -70,8 +70,7 @@ def tokenizer_stage(args, files: list[Path]) -> Path:
 
 
 def pack_stage(args, files: list[Path]) -> dict[str, Path]:
-    from qovaryx_data import PackedDataset, verify
-    from qovaryx_data.pack import pack
+    from qovaryx_data import PackedDataset, pack, verify
     from qovaryx_data.manifest import load_manifest
 
     manifest = load_manifest(MANIFEST)

@@ -13,7 +13,8 @@ _EXPORTS = {
     "train_bpe": "qovaryx_data.tokenizer",
     "load_tokenizer": "qovaryx_data.tokenizer",
     "tokenizer_hash": "qovaryx_data.tokenizer",
-    "pack": "qovaryx_data.pack",
+    "pack": "qovaryx_data.packer",  # the module is not called `pack`: importing it would shadow this name
+    "pack_dataset": "qovaryx_data.hf",
     "PackedDataset": "qovaryx_data.reader",
     "verify": "qovaryx_data.reader",
     "QovaryxDataError": "qovaryx_data.errors",

@@ -89,7 +89,7 @@ def train_bpe_cmd(inputs, out, vocab_size, min_frequency, text_field, split, fmt
     click.echo(f"wrote {r.out}: {r.vocab_size} tokens from {r.documents} documents "
                f"({r.characters:,} characters), hash {r.hash}")
 
-# ---- pack / verify / inspect (qovaryx_data.pack, qovaryx_data.reader) ----
+# ---- pack / verify / inspect (qovaryx_data.packer, qovaryx_data.reader) ----
 
 @main.command("pack")
 @click.option("--manifest", "manifest", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -109,7 +109,7 @@ def pack_cmd(manifest, out, workers, progress) -> None:
     Example:
       qovaryx-data pack --manifest manifests/shakespeare.yaml --workers 8
     """
-    from qovaryx_data.pack import pack
+    from qovaryx_data.packer import pack
 
     r = pack(manifest, out=out, workers=workers, progress=progress)
     if r.up_to_date:

@@ -178,7 +178,7 @@ def pack_dataset(dataset: datasets.Dataset, *, tokenizer: str | os.PathLike,
     import dataclasses
 
     from qovaryx_data.manifest import PackManifest, SourceSpec
-    from qovaryx_data.pack import pack
+    from qovaryx_data.packer import pack
 
     source_keys = {f.name for f in dataclasses.fields(SourceSpec)} - {"path", "format"}
     manifest_keys = {f.name for f in dataclasses.fields(PackManifest)} - {

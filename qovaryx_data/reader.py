@@ -271,7 +271,7 @@ def _read_meta(path: Path) -> dict[str, np.ndarray]:
     buffer: each column is then a zero-copy view of the memory map. Other files are converted."""
     import pyarrow as pa
 
-    from qovaryx_data.pack import META_COLUMNS
+    from qovaryx_data.packer import META_COLUMNS
 
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
@@ -329,7 +329,7 @@ def verify(path: str | os.PathLike) -> VerifyResult:
     Returns a VerifyResult; `.bad` names each missing, resized or changed file.
     FormatError when dataset.json itself is missing or unreadable.
     """
-    from qovaryx_data.pack import file_entry
+    from qovaryx_data.packer import file_entry
 
     bad, checked = [], 0
     for folder in dataset_folders(path):

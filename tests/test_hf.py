@@ -82,7 +82,7 @@ def _mixed_hf(fashion_mnist_dir: Path, n: int = N):
 def round_trip(tmp_path_factory, fashion_mnist_dir, small_tokenizer):
     from qovaryx_data import PackedDataset
     from qovaryx_data.manifest import PackManifest
-    from qovaryx_data.pack import pack
+    from qovaryx_data.packer import pack
 
     work = tmp_path_factory.mktemp("hf")
     hf, images, pics, verdicts, texts = _mixed_hf(fashion_mnist_dir)

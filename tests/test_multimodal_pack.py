@@ -23,7 +23,7 @@ from fmnist import DECISION_NAMES, load_fashion_mnist, write_png_source
 from qovaryx_data import PackedDataset, SourceError
 from qovaryx_data.collate import collate, row_example, text_window
 from qovaryx_data.images import ImageSpec, contact_sheet, load_image
-from qovaryx_data.pack import pack
+from qovaryx_data.packer import pack
 
 N_IMAGES = 300
 N_VERSES = 200

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from qovaryx_data import PackedDataset, SourceError, tokenizer_hash
 from qovaryx_data.cli import main
-from qovaryx_data.pack import PackLockedError, pack
+from qovaryx_data.packer import PackLockedError, pack
 
 N_PLAYS = 8
 KJV_LINES = 6000
@@ -394,7 +394,7 @@ def test_switching_the_validation_split_replaces_the_old_layout(small_tokenizer,
 def test_chunked_units_give_the_same_bytes(text_corpus, fashion_mnist_dir, tmp_path, monkeypatch):
     """Rows are tokenized (and images decoded) chunk by chunk inside a unit: the chunk size,
     which bounds a worker's memory, never changes the output."""
-    import qovaryx_data.pack as P
+    import qovaryx_data.packer as P
     from fmnist import load_fashion_mnist, write_png_source
 
     images, labels = load_fashion_mnist(fashion_mnist_dir, 30)

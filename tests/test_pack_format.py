@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from qovaryx_data.errors import FormatError
 from qovaryx_data.format import HEADER_SIZE, pack_header, parse_header, read_header, token_dtype
-from qovaryx_data.pack import pack
+from qovaryx_data.packer import pack
 
 
 @pytest.fixture

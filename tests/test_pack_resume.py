@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from qovaryx_data import PackedDataset
-from qovaryx_data.pack import pack
+from qovaryx_data.packer import pack
 
 
 def _files(folder: Path) -> dict[str, bytes]:

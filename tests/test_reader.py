@@ -18,7 +18,7 @@ from fmnist import load_fashion_mnist, write_png_source
 from qovaryx_data import PackedDataset, verify
 from qovaryx_data.cli import main
 from qovaryx_data.errors import FormatError, TokenizerError
-from qovaryx_data.pack import pack
+from qovaryx_data.packer import pack
 
 SHARD_TOKENS = 40_000
 

@@ -353,7 +353,7 @@ def _run_units(units, settings: _Settings, workers: int):
     else:
         ctx = mp.get_context(MP_START)
         if MP_START == "forkserver":
-            ctx.set_forkserver_preload(["qovaryx_data.pack"])
+            ctx.set_forkserver_preload(["qovaryx_data.packer"])
         pool = ctx.Pool(min(workers, len(pending)), initializer=_init_worker, initargs=(settings,))
         results = pool.imap(_process_unit, [(k, units[k]) for k in pending], chunksize=1)
     try:
