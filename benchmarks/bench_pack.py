@@ -74,7 +74,7 @@ def documents(manifest: Path) -> list[str]:
     m = load_manifest(manifest)
     docs = []
     for i, s in enumerate(m.sources):
-        cfg = s.source_config()
+        cfg = s
         for u in plan_units(cfg, i, Path(m.base_dir), m.unit_bytes, m.unit_rows):
             docs.extend(r.text for r in iter_unit(u, cfg) if isinstance(r, Row))
     return docs

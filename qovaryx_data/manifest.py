@@ -19,63 +19,15 @@ from typing import Any
 
 from qovaryx_data.errors import FormatError, ManifestError
 from qovaryx_data.format import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION
+from qovaryx_data.sources import DEFAULT_UNIT_BYTES, DEFAULT_UNIT_ROWS, FORMATS, ON_ERROR, SPLITS, SourceConfig
 
 DATASET_JSON = "dataset.json"
-FORMATS = ("text", "jsonl", "jsonl.zst", "parquet", "hf")
-SPLITS = ("file", "line", "paragraph")
-ON_ERROR = ("fail", "skip")
 SEPARATORS = ("eos", "none")
-DEFAULT_UNIT_BYTES = 1 << 20  # mirrors sources.DEFAULT_UNIT_BYTES
-DEFAULT_UNIT_ROWS = 8192      # mirrors sources.DEFAULT_UNIT_ROWS
 NUM_DECISION_CLASSES = 4      # the decision head's classes (CONTRACTS.md)
 
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One entry of `sources:`; maps onto qovaryx_data.sources.SourceConfig."""
-    path: str                                   # file, folder or glob, relative to the manifest
-    format: str | None = None                   # None: inferred from the extension
-    split: str = "file"                         # text only: a document is a file | line | paragraph
-    text_field: str = "text"                    # jsonl / parquet / hf column holding the text
-    image_field: str | None = None              # column with an image path (relative to the source
-                                                #   file's folder) or encoded image bytes
-    decision_field: str | None = None           # column with a decision label (int or class name)
-    decision_labels: tuple[str, ...] | None = None  # class names; a name maps to its index
-    decision_position: str = "last"             # "last" token of the row, or a column holding an
-                                                #   index into the row's text tokens
-    errors: str = "strict"                      # invalid UTF-8: strict (error / skip) | replace
-
-    def __post_init__(self):
-        if not self.path:
-            raise ValueError("path: must be a non-empty file, folder or glob")
-        if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.split not in SPLITS:
-            raise ValueError(f"split: {self.split!r} is not one of {', '.join(SPLITS)}")
-        if self.errors not in ("strict", "replace"):
-            raise ValueError(f"errors: {self.errors!r} is not 'strict' or 'replace'")
-        if self.decision_labels is not None:
-            if len(self.decision_labels) != len(set(self.decision_labels)):
-                raise ValueError("decision_labels: names must be unique")
-            if not 1 <= len(self.decision_labels) <= NUM_DECISION_CLASSES:
-                raise ValueError(f"decision_labels: give 1 to {NUM_DECISION_CLASSES} names, "
-                                 f"got {len(self.decision_labels)}")
-        if self.decision_labels is not None and self.decision_field is None:
-            raise ValueError("decision_labels: set decision_field too (the column holding labels)")
-        if not self.decision_position:
-            raise ValueError("decision_position: 'last' or the name of a field")
-
-    def source_config(self):
-        """The qovaryx_data.sources.SourceConfig this entry describes."""
-        from qovaryx_data.sources import SourceConfig
-
-        return SourceConfig(path=self.path, format=self.format, split=self.split,
-                            text_field=self.text_field, image_field=self.image_field,
-                            decision_field=self.decision_field,
-                            decision_labels=self.decision_labels,
-                            decision_position=self.decision_position, errors=self.errors,
-                            num_decision_classes=NUM_DECISION_CLASSES)
-
+# One `sources:` entry is exactly the readers' config (qovaryx_data.sources.SourceConfig); the
+# manifest accepts every field of it except num_decision_classes, which the model fixes at 4.
+SourceSpec = SourceConfig
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def _plan(m: PackManifest):
     base = Path(m.base_dir)
     configs, units, files = [], [], []
     for i, spec in enumerate(m.sources):
-        cfg = sources.effective_config(spec.source_config(), base)
+        cfg = sources.effective_config(spec, base)
         configs.append(cfg)
         units.extend(sources.plan_units(cfg, i, base, m.unit_bytes, m.unit_rows))
         for f in sources.resolve_inputs(cfg.path, base, cfg.format):

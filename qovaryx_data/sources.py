@@ -70,20 +70,26 @@ class SourceConfig:
     num_decision_classes: int = 4  # labels must lie in 0..num_decision_classes-1
 
     def __post_init__(self) -> None:
+        # messages start with the field name: the manifest prefixes them with "FILE: sources[i]."
+        if not self.path:
+            raise ValueError("path: must be a non-empty file, folder or glob")
         if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"source {self.path!r}: format {self.format!r} is not one of {FORMATS}")
+            raise ValueError(f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.split not in SPLITS:
-            raise ValueError(f"source {self.path!r}: split {self.split!r} is not one of {SPLITS}")
+            raise ValueError(f"split: {self.split!r} is not one of {', '.join(SPLITS)}")
         if self.errors not in ("strict", "replace"):
-            raise ValueError(f"source {self.path!r}: errors {self.errors!r} must be 'strict' or 'replace'")
+            raise ValueError(f"errors: {self.errors!r} is not 'strict' or 'replace'")
+        if not self.decision_position:
+            raise ValueError("decision_position: 'last' or the name of a field")
         if self.decision_labels is not None:
             object.__setattr__(self, "decision_labels", tuple(self.decision_labels))
+            if self.decision_field is None:
+                raise ValueError("decision_labels: set decision_field too (the column holding labels)")
             if len(set(self.decision_labels)) != len(self.decision_labels):
-                raise ValueError(f"source {self.path!r}: decision_labels has duplicate names")
-            if len(self.decision_labels) > self.num_decision_classes:
-                raise ValueError(
-                    f"source {self.path!r}: {len(self.decision_labels)} decision_labels but the "
-                    f"decision head has {self.num_decision_classes} classes; give at most that many names")
+                raise ValueError("decision_labels: names must be unique")
+            if not 1 <= len(self.decision_labels) <= self.num_decision_classes:
+                raise ValueError(f"decision_labels: give 1 to {self.num_decision_classes} names, "
+                                 f"got {len(self.decision_labels)}")
 
 
 @dataclass(frozen=True)
@@ -329,6 +335,11 @@ def hf_fields(cfg: SourceConfig, features: Any) -> SourceConfig:
     feat = features.get(decision_field) if decision_field else None
     if labels is None and isinstance(feat, datasets.ClassLabel):
         labels = tuple(feat.names)
+        if len(labels) > cfg.num_decision_classes:
+            raise SourceError(f"{cfg.path}: ClassLabel column {decision_field!r} has {len(labels)} classes but "
+                              f"the decision head has {cfg.num_decision_classes}; map the labels to at most "
+                              f"{cfg.num_decision_classes} classes first (datasets' align_labels_with_mapping "
+                              f"or cast_column)", path=cfg.path, reason="bad_label")
     if (image_field, decision_field, labels) == (cfg.image_field, cfg.decision_field, cfg.decision_labels):
         return cfg
     return replace(cfg, image_field=image_field, decision_field=decision_field, decision_labels=labels)

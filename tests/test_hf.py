@@ -41,7 +41,7 @@ def test_as_source_saves_once_and_sources_reads_images_and_labels(fashion_mnist_
     assert [p.name for p in (tmp_path / "work" / "hf-sources").iterdir()] == [folder.name]
 
     # no image/decision configuration: the Image() and ClassLabel columns are detected
-    cfg = effective_config(spec.source_config())
+    cfg = effective_config(spec)
     assert (cfg.image_field, cfg.decision_field) == ("picture", "verdict")
     assert cfg.decision_labels == tuple(DECISION_NAMES)
     rows = [r for u in plan_units(cfg) for r in iter_unit(u, cfg)]

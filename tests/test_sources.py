@@ -185,6 +185,11 @@ def test_hf_folder_with_classlabel_and_image_autodetect(tmp_path):
     assert [r.decision for r in got] == [0, 3, 1]
     assert [r.text for r in got] == ["a", "", "c"]  # the empty-text row is kept: it has an image
     assert got[2].image == png(3)
+    ten = datasets.Dataset.from_dict({"text": ["a"], "label": [7]}, features=datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(num_classes=10)}))
+    ten.save_to_disk(tmp_path / "ten")
+    with pytest.raises(SourceError, match="has 10 classes but the decision head has 4"):
+        plan_units(SourceConfig(path=str(tmp_path / "ten")))
     datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "dd")
     with pytest.raises(SourceError, match="DatasetDict.*train"):
         plan_units(SourceConfig(path=str(tmp_path / "dd"), format="hf"))
@@ -205,4 +210,4 @@ def test_decision_labels_and_positions(tmp_path):
     with pytest.raises(SourceError, match="unknown decision label 'moon'"):
         rows(cfg_last)
     with pytest.raises(ValueError, match="decision_labels"):
-        SourceConfig(path="x", decision_labels=("a", "b", "c", "d", "e"))
+        SourceConfig(path="x", decision_field="y", decision_labels=("a", "b", "c", "d", "e"))
