@@ -46,29 +46,30 @@ class Example:
     decision_position: int | None = None     # index into input_ids; None with a label: last token
 
 
-def window_document_ids(doc_offsets: np.ndarray, start: int, n: int) -> np.ndarray:
-    """Document index (from 0) of each token of stream[start:start+n].
+def window_document_ids(starts: np.ndarray, n: int) -> np.ndarray:
+    """Document index (from 0) of each of a window's `n` tokens, given the positions in the window
+    where documents begin (`PackedDataset.document_starts`; a start at 0 is the window's own first
+    document). A row with an image and no text is an empty document and takes no number.
 
-        >>> window_document_ids(np.array([0, 3, 5, 5, 9]), 1, 6).tolist()
+        >>> window_document_ids(np.array([0, 2, 4]), 6).tolist()    # documents begin at 0, 2 and 4
         [0, 0, 1, 1, 2, 2]
-
-    (the empty document at offset 5 -- a row with an image and no text -- takes no number.)
     """
-    offsets = np.asarray(doc_offsets)
-    lo = int(np.searchsorted(offsets, start, side="right"))
-    hi = int(np.searchsorted(offsets, start + n, side="left"))
     marks = np.zeros(n, dtype=np.int64)
-    marks[offsets[lo:hi] - start] = 1          # document starts inside the window
+    starts = np.asarray(starts, dtype=np.int64)
+    marks[starts[starts > 0]] = 1
     return np.cumsum(marks)
 
 
 def text_window(ds: Any, start: int, n: int) -> Example:
-    """A window of `n` tokens from the stream of `ds` (a PackedDataset) with its document ids."""
+    """A window of `n` tokens from the stream of `ds` (a PackedDataset) with its document ids.
+
+    Boundaries come from binary searches in the shards' offset files, so a trainer's process never
+    builds an array over all documents."""
     tokens = ds.window(start, n)
     if len(tokens) != n:
         raise ValueError(f"window({start}, {n}) runs past the end of the dataset "
                          f"({ds.num_tokens} tokens)")
-    return Example(np.asarray(tokens), window_document_ids(ds.doc_offsets, start, n))
+    return Example(np.asarray(tokens), window_document_ids(ds.document_starts(start, n), n))
 
 
 def row_example(ds: Any, i: int) -> Example:

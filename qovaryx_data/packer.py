@@ -162,8 +162,15 @@ def _stat_tree(p: Path) -> list[list]:
 def _fingerprint(m: PackManifest, tok_hash: str, files: list, configs: list) -> str:
     man = m.to_json()
     man.pop("output", None)  # where the output goes does not change what it holds
+    # Stored pixels come from Pillow's decoders and resamplers, whose output may change between
+    # releases: a pack with images is redone under another Pillow.
+    pillow = None
+    if any(c.image_field for c in configs):
+        import PIL
+
+        pillow = PIL.__version__
     blob = json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                       "pack_code_version": PACK_CODE_VERSION, "manifest": man,
+                       "pack_code_version": PACK_CODE_VERSION, "manifest": man, "pillow": pillow,
                        "effective_sources": [repr(c) for c in configs],
                        "tokenizer_hash": tok_hash, "files": files}, sort_keys=True)
     return xxhash.xxh3_128_hexdigest(blob.encode())

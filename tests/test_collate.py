@@ -9,13 +9,19 @@ from fmnist import load_fashion_mnist
 from qovaryx_data.collate import Example, collate, window_document_ids
 
 
+def _ids(offs, start, n):
+    """window_document_ids fed as a PackedDataset with these document offsets would feed it."""
+    inside = offs[(offs >= start) & (offs < start + n)]
+    return window_document_ids(np.unique(inside) - start, n)
+
+
 def test_window_document_ids_known_answers():
     offs = np.array([0, 3, 5, 5, 9, 12], dtype=np.int64)
-    assert window_document_ids(offs, 0, 12).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]
-    assert window_document_ids(offs, 1, 6).tolist() == [0, 0, 1, 1, 2, 2]
-    assert window_document_ids(offs, 3, 2).tolist() == [0, 0]      # exactly one document
-    assert window_document_ids(offs, 4, 1).tolist() == [0]
-    assert window_document_ids(offs, 8, 2).tolist() == [0, 1]      # boundary at the last token
+    assert _ids(offs, 0, 12).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    assert _ids(offs, 1, 6).tolist() == [0, 0, 1, 1, 2, 2]
+    assert _ids(offs, 3, 2).tolist() == [0, 0]      # exactly one document
+    assert _ids(offs, 4, 1).tolist() == [0]
+    assert _ids(offs, 8, 2).tolist() == [0, 1]      # boundary at the last token
 
 
 def test_collate_mixed_batch(fashion_mnist_dir):
