@@ -1,4 +1,4 @@
-"""Training batches of mixed rows, as CONTRACTS.md ("Training batch") defines them.
+"""Training batches of mixed rows, as docs/CONTRACTS.md ("Training batch") defines them.
 
 Two kinds of example come out of a PackedDataset:
 
@@ -31,7 +31,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-PAD_ID = 1          # <|pad|> (CONTRACTS.md special tokens)
+PAD_ID = 1          # <|pad|> (docs/CONTRACTS.md special tokens)
 IGNORE_INDEX = -100  # HF convention: no loss
 
 

@@ -23,7 +23,7 @@ from qovaryx_data.sources import DEFAULT_UNIT_BYTES, DEFAULT_UNIT_ROWS, FORMATS,
 
 DATASET_JSON = "dataset.json"
 SEPARATORS = ("eos", "none")
-NUM_DECISION_CLASSES = 4      # the decision head's classes (CONTRACTS.md)
+NUM_DECISION_CLASSES = 4      # the decision head's classes (docs/CONTRACTS.md)
 
 # One `sources:` entry is exactly the readers' config (qovaryx_data.sources.SourceConfig); the
 # manifest accepts every field of it except num_decision_classes, which the model fixes at 4.

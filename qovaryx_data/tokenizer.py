@@ -2,7 +2,7 @@
 
 The tokenizer is a plain HF `tokenizers` byte-level BPE: no normalizer, a ByteLevel pre-tokenizer
 (GPT-2 split regex, no prefix space) over the 256 byte symbols, and a ByteLevel decoder, so every
-string decodes back to exactly itself. The special tokens of CONTRACTS.md take ids 0..7; the
+string decodes back to exactly itself. The special tokens of docs/CONTRACTS.md take ids 0..7; the
 output folder loads with `transformers.AutoTokenizer.from_pretrained(dir)` without qovaryx.
 
     >>> from qovaryx_data import train_bpe, load_tokenizer
@@ -27,7 +27,7 @@ from typing import Any
 from qovaryx_data.errors import TokenizerError
 from qovaryx_data.sources import FORMATS, SPLITS   # light: the readers import their libraries lazily
 
-# The fixed special tokens, ids 0..7 in this order (CONTRACTS.md). Extra ones are appended after.
+# The fixed special tokens, ids 0..7 in this order (docs/CONTRACTS.md). Extra ones are appended after.
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",   # 0: document separator; eos and bos
     "<|pad|>",         # 1: padding

@@ -89,7 +89,7 @@ class QovaryxConfig(PreTrainedConfig):
     image_channels: int = 3  # 1 for grayscale, 3 for RGB
     patch_size: int = 16  # conv kernel = stride; prefix length = (image_size // patch_size) ** 2
 
-    # --- special tokens (CONTRACTS.md) and generation ---
+    # --- special tokens (docs/CONTRACTS.md) and generation ---
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 0
     pad_token_id: int | None = 1

@@ -412,7 +412,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         terms = []  # (weight, loss) that make up out.loss
         if labels is not None:
             # padding is never a target, even when labels carry a token there (the card's loop passes
-            # labels=input_ids): attention_mask 0 or document id -1 (CONTRACTS.md)
+            # labels=input_ids): attention_mask 0 or document id -1 (docs/CONTRACTS.md)
             if attention_mask is not None and attention_mask.shape[1] == T:
                 labels = labels.masked_fill(attention_mask == 0, IGNORE)
             if document_ids is not None:

@@ -1,4 +1,4 @@
-"""qovaryx_data.collate: padding, masks, images and decision labels per CONTRACTS.md."""
+"""qovaryx_data.collate: padding, masks, images and decision labels per docs/CONTRACTS.md."""
 from __future__ import annotations
 
 import numpy as np
