@@ -145,8 +145,43 @@ def _resolve_inside(value: str, root: Path, where: str, err: dict) -> str:
     return target
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A single-channel image with more than 8 bits per sample as "L", by a fixed scale.
+
+    Pillow's own ``convert("L")`` clips these at 255, turning a 16-bit image almost all white.
+    The scale depends only on the mode, never on the image's content, so equal source values
+    give equal stored pixels in every image (docs/MULTIMODAL.md, "Convert"):
+
+    * ``I;16`` / ``I;16L`` / ``I;16B`` / ``I;16N`` (16-bit PNG, TIFF): ``v >> 8``;
+    * ``I`` (32-bit signed; what Pillow decodes 16-bit PGM/PPM and 32-bit integer TIFF to):
+      taken as the same 0..65535 range, clipped to it, then ``>> 8``;
+    * ``F`` (32-bit float TIFF): Pillow's convention that F shares L's 0..255 scale (``L -> F``
+      is the identity): rounded to the nearest integer, clipped to 0..255, NaN -> 0.
+
+    A transparent value (a 16-bit PNG's tRNS, ``info["transparency"]``) becomes 0, as transparent
+    pixels of other modes are composited over black. Other modes are returned unchanged.
+
+        >>> _to_8bit(Image.new("I;16", (1, 1), 0x1234)).getpixel((0, 0)) == 0x12
+        True
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img)                             # uint16 (either byte order) or int32
+        out = (np.clip(a, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        out = np.clip(np.rint(np.nan_to_num(a, nan=0.0)), 0, 255).astype(np.uint8)
+    else:
+        return img
+    t = img.info.get("transparency")
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        out[a == t] = 0
+    return Image.fromarray(out)
+
+
 def _convert(img: Image.Image, mode: str) -> Image.Image:
-    """To `mode`; transparent pixels are composited over black (the padding colour)."""
+    """To `mode`; transparent pixels are composited over black (the padding colour).
+    High-bit-depth single-channel images are scaled to 8 bits first (`_to_8bit`)."""
+    img = _to_8bit(img)
     if img.mode == mode:
         return img
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:

@@ -105,6 +105,62 @@ def test_transparency_composited_over_black():
     assert (got[:2] == 200).all() and (got[2:] == 0).all()
 
 
+# ---- more than 8 bits per sample: a fixed scale to 8 bits (images._to_8bit) ----
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, format=fmt, **kw)
+    return b.getvalue()
+
+
+def test_16bit_png_gradient_scaled_not_clipped():
+    # a real 16-bit greyscale PNG: a horizontal gradient over the whole 0..65535 range
+    g = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (8, 1))     # (8, 64)
+    png = _encoded(Image.fromarray(g), "PNG")
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.mode == "I;16"                        # what Pillow decodes it to
+    want = (g >> 8).astype(np.uint8)
+    assert want.min() == 0 and want.max() == 255 and len(np.unique(want)) == 64
+    got = load_image(png, root=Path("."), where="x", spec=ImageSpec(size=(8, 64)))
+    np.testing.assert_array_equal(got[:, :, 0], want)
+    rgb = load_image(png, root=Path("."), where="x", spec=ImageSpec(size=(8, 64), mode="RGB"))
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[:, :, c], want)
+    # Pillow's own convert("L") would have clipped: everything from 256 up is white
+    assert (np.asarray(Image.fromarray(g).convert("L")) == 255).mean() > 0.9
+    # a 16-bit transparent value (tRNS) is composited over black like any transparent pixel
+    t = int(g[0, 40])
+    got = load_image(_encoded(Image.fromarray(g), "PNG", transparency=t), root=Path("."),
+                     where="x", spec=ImageSpec(size=(8, 64)))[:, :, 0]
+    np.testing.assert_array_equal(got, np.where(g == t, 0, want))
+
+
+def test_big_endian_int32_and_float_images_scaled_by_fixed_policy():
+    # I;16B (big-endian 16-bit TIFF): v >> 8, like I;16
+    g = np.array([[0, 255, 256, 4660], [32768, 40000, 65280, 65535]], dtype=">u2")
+    im = Image.frombytes("I;16B", (4, 2), g.tobytes())
+    tif = _encoded(im, "TIFF")
+    with Image.open(io.BytesIO(tif)) as r:
+        assert r.mode == "I;16B"
+    spec = ImageSpec(size=(2, 4))
+    got = load_image(tif, root=Path("."), where="x", spec=spec)[:, :, 0]
+    assert got.tolist() == [[0, 0, 1, 18], [128, 156, 255, 255]]
+    # I (32-bit signed TIFF): the 16-bit range, clipped to 0..65535, then >> 8
+    i32 = np.array([[-5, 0, 255, 4660], [65535, 65536, 10**6, 2**31 - 1]], dtype=np.int32)
+    tif = _encoded(Image.fromarray(i32), "TIFF")
+    with Image.open(io.BytesIO(tif)) as r:
+        assert r.mode == "I"
+    got = load_image(tif, root=Path("."), where="x", spec=spec)[:, :, 0]
+    assert got.tolist() == [[0, 0, 0, 18], [255, 255, 255, 255]]
+    # F (32-bit float TIFF): on L's 0..255 scale, rounded, clipped, NaN -> 0
+    f = np.array([[-3.0, 0.4, 0.6, 127.5], [254.4, 300.0, np.nan, np.inf]], dtype=np.float32)
+    tif = _encoded(Image.fromarray(f), "TIFF")
+    with Image.open(io.BytesIO(tif)) as r:
+        assert r.mode == "F"
+    got = load_image(tif, root=Path("."), where="x", spec=spec)[:, :, 0]
+    assert got.tolist() == [[0, 0, 1, 128], [254, 255, 0, 255]]
+
+
 # ---- bad input: each an ImageError with its reason, naming the row ----
 
 def _raises(reason: str, value, root: Path, spec: ImageSpec = L28) -> ImageError:
