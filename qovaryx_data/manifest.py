@@ -86,7 +86,8 @@ class PackManifest:
 
 _SOURCE_TYPES = {"path": str, "format": (str, type(None)), "split": str, "text_field": str,
                  "image_field": (str, type(None)), "decision_field": (str, type(None)),
-                 "decision_labels": (list, type(None)), "decision_position": str, "errors": str}
+                 "decision_labels": (list, type(None)), "decision_position": str, "errors": str,
+                 "auto_fields": bool}
 _TOP_TYPES = {"name": str, "tokenizer": str, "sources": list, "output": (str, type(None)),
               "shard_tokens": int, "validation": (float, int), "on_error": str, "separator": str,
               "min_tokens": int, "images": (dict, type(None)), "unit_bytes": int, "unit_rows": int}
@@ -95,13 +96,14 @@ _REQUIRED_TOP = ("name", "tokenizer", "sources")
 
 def _check(d: Any, types: dict, where: str, file: str, required: tuple[str, ...]) -> None:
     if not isinstance(d, dict):
-        raise ManifestError(f"{file}: {where} must be a mapping, got {type(d).__name__}")
+        raise ManifestError(f"{file}: {where.rstrip('.') or 'the manifest'} must be a mapping, "
+                            f"got {type(d).__name__}")
     for k, v in d.items():
         if k not in types:
             raise ManifestError(f"{file}: unknown key {where}{k!r}; allowed keys: "
                                 f"{', '.join(types)}")
         want = types[k]
-        if isinstance(v, bool) or not isinstance(v, want):
+        if (isinstance(v, bool) and want is not bool) or not isinstance(v, want):
             names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
             raise ManifestError(f"{file}: key {where}{k!r} must be {names}, "
                                 f"got {type(v).__name__} {v!r}")

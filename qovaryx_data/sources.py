@@ -67,6 +67,7 @@ class SourceConfig:
     decision_labels: tuple[str, ...] | None = None  # class names; a string label maps to its index
     decision_position: str = "last"  # "last", or a column holding an index into the row's text tokens
     errors: str = "strict"  # invalid UTF-8: "strict" rejects the row, "replace" substitutes U+FFFD
+    auto_fields: bool = True  # hf: an unset image/decision field takes the Image()/ClassLabel column
     num_decision_classes: int = 4  # labels must lie in 0..num_decision_classes-1
 
     def __post_init__(self) -> None:
@@ -256,7 +257,9 @@ def _next_cut(fh: io.BufferedReader, pos: int, size: int, sep: re.Pattern | None
                 return start + i + 1
         else:
             for m in sep.finditer(buf):
-                if m.end() < len(buf) or start + len(buf) >= size:  # run complete (not cut by the window)
+                # the run is complete when a byte that cannot extend it follows inside the buffer
+                # (greedy matching stopped there), or at the end of the file
+                if buf[m.end():].lstrip(b" \t\r") or start + len(buf) >= size:
                     return start + m.end()
         if start + len(buf) >= size:
             return size
@@ -325,6 +328,8 @@ def hf_fields(cfg: SourceConfig, features: Any) -> SourceConfig:
     """
     import datasets
 
+    if not cfg.auto_fields:
+        return cfg
     image_field, decision_field, labels = cfg.image_field, cfg.decision_field, cfg.decision_labels
     if image_field is None:
         found = [k for k, v in features.items() if isinstance(v, datasets.Image)]
@@ -339,7 +344,8 @@ def hf_fields(cfg: SourceConfig, features: Any) -> SourceConfig:
             raise SourceError(f"{cfg.path}: ClassLabel column {decision_field!r} has {len(labels)} classes but "
                               f"the decision head has {cfg.num_decision_classes}; map the labels to at most "
                               f"{cfg.num_decision_classes} classes first (datasets' align_labels_with_mapping "
-                              f"or cast_column)", path=cfg.path, reason="bad_label")
+                              f"or cast_column), or set auto_fields: false to pack it as text only",
+                              path=cfg.path, reason="bad_label")
     if (image_field, decision_field, labels) == (cfg.image_field, cfg.decision_field, cfg.decision_labels):
         return cfg
     return replace(cfg, image_field=image_field, decision_field=decision_field, decision_labels=labels)
@@ -421,6 +427,8 @@ def _text_row(raw: bytes, cfg: SourceConfig, path: str, line: int,
               blank_is_separator: bool = False) -> Iterator[Row | SourceError]:
     if blank_is_separator and not raw.strip(b" \t\r\n"):
         return  # leading/trailing blank lines of a paragraph unit are separators, not documents
+    if blank_is_separator:  # a paragraph never ends with its last line's break (the file's last one)
+        raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
     text = _decode(raw, cfg, path, line)
     yield text if isinstance(text, SourceError) else Row(text, path, line)
 
@@ -491,13 +499,26 @@ def _json_row(raw: bytes, cfg: SourceConfig, path: str, line: int) -> Iterator[R
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        yield SourceError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix the line or use "
-                          f"on_error: skip", path=path, row=line, reason="malformed_json")
+        yield SourceError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the "
+                          f"line (a pack manifest's on_error: skip skips such rows)", path=path, row=line,
+                          reason="malformed_json")
         return
     if not isinstance(obj, dict):
         yield SourceError(f"{where}: a JSONL row must be a JSON object, got {type(obj).__name__}",
                           path=path, row=line, reason="malformed_json")
         return
+    text = obj.get(cfg.text_field)
+    if b"\\u" in raw and isinstance(text, str):  # a \uXXXX escape may encode a lone surrogate
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            if cfg.errors == "strict":
+                yield SourceError(f"{where}: field {cfg.text_field!r} holds a lone surrogate "
+                                  f"({text[e.start]!r}), which is not valid Unicode text; fix the "
+                                  f"line, or accept replacement characters with errors: replace "
+                                  f"(CLI --errors replace)", path=path, row=line, reason="invalid_utf8")
+                return
+            obj[cfg.text_field] = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     yield _record_row(obj, cfg, path, line, where)
 
 
@@ -535,11 +556,11 @@ def _record_row(obj: dict, cfg: SourceConfig, path: str, row: int, where: str) -
             return SourceError(f"{where}: field {cfg.decision_position!r} (decision_position) must be a "
                                f"non-negative token index, got {position!r}", path=path, row=row,
                                reason="bad_position")
-    return Row(text, path, row, image or None, decision, position)
+    return Row(text, path, row, image, decision, position)
 
 
 def _label_id(value: Any, cfg: SourceConfig, path: str, row: int, where: str) -> int | SourceError:
-    n = cfg.num_decision_classes
+    n = len(cfg.decision_labels) if cfg.decision_labels is not None else cfg.num_decision_classes
     if isinstance(value, str) and cfg.decision_labels is not None:
         if value in cfg.decision_labels:
             return cfg.decision_labels.index(value)
@@ -565,20 +586,38 @@ def _columns(cfg: SourceConfig) -> list[str]:
 def _read_parquet(unit: WorkUnit, cfg: SourceConfig) -> Iterator[Row | SourceError]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(unit.path)
-    cols = [c for c in _columns(cfg) if c in pf.schema_arrow.names]
     row = unit.first_row
-    for batch in pf.iter_batches(row_groups=list(range(unit.start, unit.end)), columns=cols):
-        yield from _batch_rows(batch.to_pylist(), cfg, unit.path, row)
-        row += batch.num_rows
+    try:
+        pf = pq.ParquetFile(unit.path)
+        cols = [c for c in _columns(cfg) if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(row_groups=list(range(unit.start, unit.end)), columns=cols):
+            records = batch.to_pylist()
+            yield from _batch_rows(records, cfg, unit.path, row)
+            row += len(records)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowException types derive from these
+        yield _corrupt(unit, row, e)
+
+
+def _corrupt(unit: WorkUnit, row: int, e: Exception) -> SourceError:
+    return SourceError(f"{unit.path} row {row}: unreadable {unit.format} data ({e}); the file is corrupt "
+                       f"or truncated: re-create it (the rest of its work unit, rows before "
+                       f"{_unit_end_row(unit)}, is not read)", path=unit.path, row=row, reason="corrupt_file")
+
+
+def _unit_end_row(unit: WorkUnit) -> str:
+    return f"row group {unit.end}" if unit.format == "parquet" else f"row {unit.end}"
 
 
 def _read_hf(unit: WorkUnit, cfg: SourceConfig) -> Iterator[Row | SourceError]:
     ds = _load_hf(Path(unit.path))
     cfg = hf_fields(cfg, ds.features)
     cols = [c for c in _columns(cfg) if c in ds.column_names]
-    table = ds.with_format("arrow").select_columns(cols)[unit.start:unit.end]
-    yield from _batch_rows(table.to_pylist(), cfg, unit.path, unit.start)
+    try:
+        records = ds.with_format("arrow").select_columns(cols)[unit.start:unit.end].to_pylist()
+    except (OSError, ValueError) as e:
+        yield _corrupt(unit, unit.start, e)
+        return
+    yield from _batch_rows(records, cfg, unit.path, unit.start)
 
 
 def _batch_rows(records: list[dict], cfg: SourceConfig, path: str, row0: int) -> Iterator[Row | SourceError]:

@@ -44,6 +44,7 @@ def test_line_split_units_match_whole_file(kjv_path):
 def test_paragraph_split_units_match_whole_file(austen_path):
     data = austen_path.read_bytes()
     expected = [p.decode() for p in re.split(rb"\r?\n(?:[ \t]*\r?\n)+", data) if p.strip(b" \t\r\n")]
+    expected[-1] = expected[-1].rstrip("\r\n")  # the file's last line break ends no paragraph
     cfg = SourceConfig(path=str(austen_path), split="paragraph")
     one = texts(rows(cfg, unit_bytes=1 << 30))
     many = texts(rows(cfg, unit_bytes=50_000))
@@ -211,3 +212,70 @@ def test_decision_labels_and_positions(tmp_path):
         rows(cfg_last)
     with pytest.raises(ValueError, match="decision_labels"):
         SourceConfig(path="x", decision_field="y", decision_labels=("a", "b", "c", "d", "e"))
+
+
+def test_corrupt_parquet_is_a_named_error_or_a_counted_skip(tmp_path, verses):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "v.parquet"
+    pq.write_table(pa.table({"text": verses}), p, row_group_size=1000, compression="snappy")
+    data = bytearray(p.read_bytes())
+    for i in range(200, 6000, 7):  # damage the first row group's pages; the footer stays intact
+        data[i] ^= 0xFF
+    p.write_bytes(bytes(data))
+    cfg = SourceConfig(path=str(p))
+    with pytest.raises(SourceError, match=r"v\.parquet row 0: unreadable parquet data") as e:
+        rows(cfg)
+    assert e.value.reason == "corrupt_file"
+    assert [s.reason for s in rows(cfg, on_error="skip") if isinstance(s, Skipped)][:1] == ["corrupt_file"]
+
+
+def test_lone_surrogate_in_jsonl_is_invalid_text(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "bad \\ud800 here"}\n{"text": "pair \\ud83d\\ude00 fine"}\n')
+    with pytest.raises(SourceError, match=r"s\.jsonl line 2: .*lone surrogate") as e:
+        rows(SourceConfig(path=str(p)))
+    assert e.value.reason == "invalid_utf8"
+    got = texts(rows(SourceConfig(path=str(p), errors="replace")))
+    assert got == ["ok", "bad \ufffd here", "pair \U0001F600 fine"]
+    for t in got:
+        t.encode("utf-8")  # every text the tokenizer sees is encodable
+
+
+def test_int_labels_must_name_one_of_the_given_classes_and_empty_image_paths_are_kept(tmp_path):
+    p = tmp_path / "l.jsonl"
+    p.write_text('{"text": "a", "y": 1}\n{"text": "b", "y": 3}\n{"text": "c", "img": ""}\n')
+    cfg = SourceConfig(path=str(p), decision_field="y", decision_labels=("no", "yes"))
+    got = rows(cfg, on_error="skip")
+    assert [r.decision for r in got if isinstance(r, Row)] == [1, None]
+    assert [(s.row, s.reason) for s in got if isinstance(s, Skipped)] == [(2, "bad_label")]
+    img = rows(SourceConfig(path=str(p), image_field="img"))
+    assert [r.image for r in img] == [None, None, ""]  # "" reaches the image loader, which refuses it
+
+
+def test_auto_fields_false_keeps_an_hf_label_column_as_plain_data(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["x", "y"], "label": [7, 2]}, features=datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(num_classes=10)}))
+    ds.save_to_disk(tmp_path / "hf")
+    with pytest.raises(SourceError, match="auto_fields: false"):
+        plan_units(SourceConfig(path=str(tmp_path / "hf")))
+    cfg = SourceConfig(path=str(tmp_path / "hf"), auto_fields=False)
+    got = rows(cfg)
+    assert [(r.text, r.decision) for r in got] == [("x", None), ("y", None)]
+
+
+def test_paragraph_cut_waits_for_the_whole_blank_run(tmp_path):
+    # a blank-line run whose last line is spaces only, placed so that a 64 KiB read window can
+    # end inside it: every unit size must give the documents of a one-unit read
+    head = b"para one\n" * 7390  # 66,510 bytes; with unit_bytes=1000 the first 64 KiB read window
+    data = head + b"\n\n" + b" " * 40 + b"\nnext para\n\nlast\n"  # ends at 66,535, inside the spaces
+    p = tmp_path / "p.txt"
+    p.write_bytes(data)
+    cfg = SourceConfig(path=str(p), split="paragraph")
+    whole = texts(rows(cfg, unit_bytes=1 << 30))
+    assert whole[-2:] == ["next para", "last"]
+    for ub in (1000, 2000, 65_000, 65_500):
+        assert texts(rows(cfg, unit_bytes=ub)) == whole, ub
