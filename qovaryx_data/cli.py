@@ -195,6 +195,10 @@ def _write_contact_sheet(path, out, n: int = 16) -> None:
 
     ds = PackedDataset(dataset_folders(path)[0])
     rows = [int(i) for i in ds.multimodal_doc_indices if ds[int(i)].image is not None][:n]
+    if not rows:
+        raise QovaryxDataError(f"{ds.path}: no row of this dataset has an image ({len(ds):,} rows, "
+                               f"{len(ds.multimodal_doc_indices):,} with a decision label), so "
+                               f"--images has nothing to draw; leave the option out")
     names = ds.decision_names
     images, labels = [], []
     for i in rows:

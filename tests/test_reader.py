@@ -260,3 +260,20 @@ def test_document_starts_inside_windows_match_doc_offsets(packed):
         got = ds.document_starts(start, 2049)
         inside = off[(off >= start) & (off < start + 2049) & (off < ds.num_tokens)]
         assert got.tolist() == sorted(set((inside - start).tolist())), start
+
+
+def test_inspect_images_on_a_dataset_without_images_is_a_clear_error(tmp_path, kjv_path,
+                                                                       small_tokenizer):
+    verses = kjv_path.read_text(encoding="utf-8").splitlines()[:50]
+    (tmp_path / "kjv.txt").write_text("\n".join(verses) + "\n", encoding="utf-8")
+    m = {"name": "text", "tokenizer": str(small_tokenizer), "output": "out",
+         "sources": [{"path": "kjv.txt", "split": "line"}]}
+    (tmp_path / "pack.yaml").write_text(yaml.safe_dump(m))
+    pack(tmp_path / "pack.yaml", workers=1, progress=False)
+    png = tmp_path / "sheet.png"
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out"), "--images", str(png)])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)   # no traceback
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.output
+    assert "no row of this dataset has an image (50 rows, 0 with a decision label)" in result.stderr
+    assert "leave the option out" in result.stderr and not png.exists()
