@@ -406,7 +406,8 @@ def inspect_dataset(path: str | os.PathLike, *, samples: int = 1, sample_tokens:
 def _decision_counts(info: dict) -> dict | None:
     if not info.get("decision"):
         return None
-    counts = [sum(s["decisions"][c] for s in info["sources"]) for c in range(4)]
-    names = info["decision"].get("labels") or [str(c) for c in range(4)]
-    names = list(names) + [str(c) for c in range(len(names), 4)]
-    return {names[c]: counts[c] for c in range(4)}
+    k = int(info["decision"].get("num_classes", NUM_DECISION_CLASSES))
+    counts = [sum(s["decisions"][c] for s in info["sources"]) for c in range(k)]
+    names = list(info["decision"].get("labels") or [])
+    names += [str(c) for c in range(len(names), k)]
+    return {names[c]: counts[c] for c in range(k)}
