@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from qovaryx_data.errors import QovaryxDataError, SourceError
+from qovaryx_data.errors import ManifestError, QovaryxDataError, SourceError
 from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_SIZE, META_FORMAT_KEY,
                                  META_FORMAT_VALUE, META_VERSION_KEY, dtype_name, pack_header,
                                  padded, token_dtype)
@@ -204,6 +204,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
                                    f"by `separator: eos`; use a train-bpe tokenizer or "
                                    f"`separator: none`")
     configs, units, files = _plan(m)
+    _check_decision_labels(m, configs)   # after _plan: hf ClassLabel names are filled in there
     has_images = any(c.image_field for c in configs)
     image_spec = m.image_spec() if has_images else None
     fingerprint = _fingerprint(m, tok_hash, files, configs)
@@ -317,6 +318,29 @@ def _version() -> str:
 def _special_ids(tok) -> dict[str, int]:
     added = tok.get_added_tokens_decoder()
     return {added[i].content: int(i) for i in sorted(added) if added[i].special}
+
+
+def _check_decision_labels(m: PackManifest, configs) -> None:
+    """All sources that name their classes must name them identically, in the same order.
+
+    Each source maps a label name to its index in its own ``decision_labels``, and the dataset
+    records one list of names: [hold, buy] in one source and [buy, hold] in another would store
+    "buy" as 1 and as 0 under one name. A source without names gives class ids directly; they
+    are read with the other sources' names."""
+    first = None
+    for i, c in enumerate(configs):
+        if c.decision_field is None or c.decision_labels is None:
+            continue
+        if first is None:
+            first = i
+        elif tuple(c.decision_labels) != tuple(configs[first].decision_labels):
+            a, b = configs[first], c
+            raise ManifestError(
+                f"manifest {m.name!r}: sources[{first}] ({a.path}) has decision_labels "
+                f"{list(a.decision_labels)} but sources[{i}] ({b.path}) has "
+                f"{list(b.decision_labels)}; a packed dataset has one list of class names (a label "
+                f"is stored as its index in its source's list), so give every source the same "
+                f"decision_labels in the same order")
 
 
 def _decision_info(configs) -> dict | None:
@@ -725,7 +749,8 @@ class _DatasetWriter:
         self.image_shape = tuple(image_spec.shape) if image_spec is not None else (0, 0, 0)
         self.shards: list[dict] = []
         self.cur: _ShardWriter | None = None
-        self.per_source = [{"documents": 0, "tokens": 0, "images": 0, "decisions": [0] * 4}
+        self.per_source = [{"documents": 0, "tokens": 0, "images": 0,
+                            "decisions": [0] * NUM_DECISION_CLASSES}
                            for _ in range(n_sources)]
         self.n_multimodal = 0
 

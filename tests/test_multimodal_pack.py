@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from fmnist import DECISION_NAMES, load_fashion_mnist, write_png_source
 from qovaryx_data import PackedDataset, SourceError
+from qovaryx_data.errors import ManifestError
 from qovaryx_data.collate import collate, row_example, text_window
 from qovaryx_data.images import ImageSpec, contact_sheet, load_image
 from qovaryx_data.packer import pack
@@ -296,3 +297,29 @@ def test_row_with_image_and_no_text_is_kept(bad_src, small_tokenizer, tmp_path):
     batch = collate([row_example(ds, 0), row_example(ds, 1)])
     assert batch["image_mask"].tolist() == [True, False]
     assert batch["decision_labels"].tolist() == [-100, 3]
+
+
+def test_sources_with_different_label_lists_are_refused(small_tokenizer, tmp_path):
+    """Each source maps a name to its index in its own list: [hold, buy] and [buy, hold] would
+    store "buy" as 1 and as 0 under one list of names. Review finding 1."""
+    for name, text in (("a", "alpha"), ("b", "beta")):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": text, "y": "buy"}) + "\n")
+    (tmp_path / "ids.jsonl").write_text(json.dumps({"text": "gamma", "y": 1}) + "\n")
+    src = {"format": "jsonl", "decision_field": "y"}
+    with pytest.raises(ManifestError, match=r"sources\[0\] \(.*a\.jsonl\) has decision_labels "
+                                            r"\['hold', 'buy'\] but sources\[1\] \(.*b\.jsonl\) has "
+                                            r"\['buy', 'hold'\].*same decision_labels in the same"):
+        pack_manifest(tmp_path, small_tokenizer,
+                      [{"path": "a.jsonl", **src, "decision_labels": ["hold", "buy"]},
+                       {"path": "b.jsonl", **src, "decision_labels": ["buy", "hold"]}], images=None)
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+    # The same list everywhere (and a source giving class ids) packs: "buy" is 1 in every source.
+    out = pack_manifest(tmp_path, small_tokenizer,
+                        [{"path": "a.jsonl", **src, "decision_labels": ["hold", "buy"]},
+                         {"path": "b.jsonl", **src, "decision_labels": ["hold", "buy"]},
+                         {"path": "ids.jsonl", **src}], images=None)
+    ds = PackedDataset(out)
+    assert list(ds.decision_names) == ["hold", "buy"]
+    assert [ds[i].decision for i in range(len(ds))] == [1, 1, 1]
+
