@@ -530,10 +530,8 @@ class _UnitPart:
             if r.decision is not None:
                 pos = len(ids) - 1 if r.decision_position is None else r.decision_position
                 if not 0 <= pos < (len(ids) if r.decision_position is None else n_text):
-                    e = SourceError(f"{r.path} row {r.row}: decision position "
-                                    f"{r.decision_position} is outside the row's {n_text} text "
-                                    f"tokens (0..{n_text - 1}); fix the position field or the "
-                                    f"text", path=r.path, row=r.row, reason="bad_position")
+                    e = SourceError(_bad_position_message(r, n_text), path=r.path, row=r.row,
+                                    reason="bad_position")
                     if s.on_error != "skip":
                         raise e
                     self.record(r.path, r.row, e.reason, str(e))
@@ -574,6 +572,21 @@ class _UnitPart:
                       meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
         _write_part(self.path, arrays)
         return {"documents": len(lengths), "tokens": total}
+
+
+def _bad_position_message(r, n_text: int) -> str:
+    """Why a labelled row has no token for the decision head to pool at, and the fix."""
+    where = f"{r.path} row {r.row}"
+    if r.decision_position is None:   # `decision_position: last` with no token at all
+        return (f"{where}: the row has a decision label but no tokens (empty text with "
+                f"`separator: none`), so there is no last token for the decision head to pool "
+                f"at; give the row text, or use `separator: eos` (the default), which ends every "
+                f"row with <|endoftext|>")
+    if n_text == 0:
+        return (f"{where}: decision position {r.decision_position} points into the row's text, "
+                f"but the row has no text tokens; give the row text or fix the position field")
+    return (f"{where}: decision position {r.decision_position} is outside the row's {n_text} "
+            f"text tokens (0..{n_text - 1}); fix the position field or the text")
 
 
 def _load_image(row, spec):

@@ -323,3 +323,28 @@ def test_sources_with_different_label_lists_are_refused(small_tokenizer, tmp_pat
     assert list(ds.decision_names) == ["hold", "buy"]
     assert [ds[i].decision for i in range(len(ds))] == [1, 1, 1]
 
+
+def test_labelled_row_with_no_tokens_under_separator_none(bad_src, small_tokenizer, tmp_path):
+    """`separator: none` + empty text leaves a label nothing to pool at: a clear error naming the
+    file, the row and the fix (or a counted skip). Review finding 3."""
+    src = bad_src / "src"
+    _write_rows(src / "nolast.jsonl", [GOOD, {"text": "", "label": 3}], bad_src)
+    sources = [{"path": str(src / "nolast.jsonl"), **MM}]
+    with pytest.raises(SourceError) as ei:
+        pack_manifest(tmp_path, small_tokenizer, sources, separator="none")
+    e = ei.value
+    assert (e.reason, e.row, Path(e.path).name) == ("bad_position", 2, "nolast.jsonl")
+    assert re.search(r"nolast\.jsonl row 2: the row has a decision label but no tokens .*"
+                     r"give the row text, or use `separator: eos`", str(e)), str(e)
+    said = str(e).split("row 2:", 1)[1]
+    assert "None" not in said and "-1" not in said
+
+    _write_rows(src / "nopos.jsonl", [GOOD, {"text": "", "label": 3, "pos": 0}], bad_src)
+    with pytest.raises(SourceError, match=r"nopos\.jsonl row 2: decision position 0 points into "
+                                          r"the row's text, but the row has no text tokens"):
+        pack_manifest(tmp_path, small_tokenizer,
+                      [{"path": str(src / "nopos.jsonl"), **MM, "decision_position": "pos"}])
+
+    out = pack_manifest(tmp_path, small_tokenizer, sources, separator="none", on_error="skip")
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["skipped"] == {"bad_position": 1} and len(PackedDataset(out)) == 1
