@@ -2,8 +2,9 @@
 
 Two kinds of example come out of a PackedDataset:
 
-* a **text window**: ``n`` tokens of the concatenated stream (``ds.window``), possibly spanning
-  several documents, with ``document_ids`` 0, 1, 2, ... so attention stays inside a document;
+* a **text window**: ``n`` tokens of the concatenated stream (``ds.window``) inside one run of
+  text-only rows (``ds.text_spans``), possibly spanning several documents, with ``document_ids``
+  0, 1, 2, ... so attention stays inside a document;
 * a **whole row** with an image and/or a decision label (``ds[i]``), never cut, padded to the
   batch length.
 
@@ -16,9 +17,12 @@ Two kinds of example come out of a PackedDataset:
     pixel_values uint8 (B, C, H, W), image_mask bool (B,)   (when any row has an image)
     decision_labels int64 (B,) (-100: no label), decision_positions int64 (B,)  (when any label)
 
-Example (two windows of 4 tokens over documents [5, 6, 7] [8, 9] ...)::
+Example (a window of 4 tokens over text-only documents [5, 6, 7] [8, 9] ...)::
 
-    doc_offsets [0, 3, 5, ...] -> window(1, 4) = [6, 7, 8, 9], document_ids [0, 0, 1, 1]
+    document_starts(1, 4) = [2] -> window(1, 4) = [6, 7, 8, 9], document_ids [0, 0, 1, 1]
+
+Windows only come from ``ds.text_spans``, the runs of text-only rows (DESIGN §3); a sampler
+draws their starts with `window_starts` (epoch tiling) or `random_window_starts`.
 """
 from __future__ import annotations
 
@@ -63,13 +67,84 @@ def window_document_ids(starts: np.ndarray, n: int) -> np.ndarray:
 def text_window(ds: Any, start: int, n: int) -> Example:
     """A window of `n` tokens from the stream of `ds` (a PackedDataset) with its document ids.
 
-    Boundaries come from binary searches in the shards' offset files, so a trainer's process never
-    builds an array over all documents."""
+    The window must lie inside one of ``ds.text_spans`` (runs of text-only rows): a row with an
+    image or a decision label is served whole by `row_example`, never cut by a window, so a window
+    reaching into one is a ValueError. Draw valid starts with `window_starts` or
+    `random_window_starts`. Document boundaries come from binary searches in the shards' offset
+    files, so a trainer's process never builds an array over all documents."""
+    start, n = int(start), int(n)
+    if n < 1 or start < 0:
+        raise ValueError(f"text_window(start={start}, n={n}): need start >= 0 and n >= 1")
+    spans = ds.text_spans
+    k = int(np.searchsorted(spans[:, 0], start, side="right")) - 1
+    if k < 0 or start + n > spans[k, 1]:
+        if start + n > ds.num_tokens:
+            why = f"it runs past the end of the dataset ({ds.num_tokens} tokens)"
+        elif k >= 0 and start < spans[k, 1]:
+            why = (f"the run of text-only rows holding token {start} ends at {int(spans[k, 1])} "
+                   f"(ds.text_spans[{k}] = [{int(spans[k, 0])}, {int(spans[k, 1])}))")
+        else:
+            why = f"token {start} belongs to a row with an image or a decision label"
+        raise ValueError(f"text_window({start}, {n}): tokens [{start}, {start + n}) are not "
+                         f"inside one run of text-only rows: {why}. Rows with an image or a label "
+                         "are served whole (row_example), never cut by a window; draw window "
+                         "starts with window_starts(ds.text_spans, n) or random_window_starts")
     tokens = ds.window(start, n)
-    if len(tokens) != n:
-        raise ValueError(f"window({start}, {n}) runs past the end of the dataset "
-                         f"({ds.num_tokens} tokens)")
+    assert len(tokens) == n, (start, n, len(tokens))
     return Example(np.asarray(tokens), window_document_ids(ds.document_starts(start, n), n))
+
+
+def _valid_starts(spans: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    if n < 1:
+        raise ValueError(f"window length n must be >= 1, got {n}")
+    return spans[:, 0], np.maximum(spans[:, 1] - spans[:, 0] - n + 1, 0)   # first start, count
+
+
+def window_starts(spans: np.ndarray, n: int, stride: int | None = None) -> np.ndarray:
+    """Every start of a window of `n` tokens that `text_window` accepts, stepping by `stride`
+    (default `n`: non-overlapping windows tiling each span from its start; a span's tail shorter
+    than `n` is left out). int64, ascending. A sampler shuffles these per epoch (e.g. with a
+    ``numpy.random.default_rng((seed, epoch))`` permutation) and takes every ``world_size``-th
+    from its ``rank``.
+
+        >>> window_starts(np.array([[0, 10], [12, 17], [20, 22]]), 4).tolist()
+        [0, 4, 12]
+        >>> window_starts(np.array([[0, 10], [12, 17]]), 4, stride=3).tolist()
+        [0, 3, 6, 12]
+    """
+    first, valid = _valid_starts(spans, n)
+    stride = n if stride is None else int(stride)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    per_span = np.where(valid > 0, (valid - 1) // stride + 1, 0)
+    total = int(per_span.sum())
+    before = np.cumsum(per_span) - per_span                        # windows in earlier spans
+    k = np.arange(total, dtype=np.int64) - np.repeat(before, per_span)
+    return np.repeat(first, per_span) + k * stride
+
+
+def random_window_starts(spans: np.ndarray, n: int, count: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """`count` starts of `n`-token windows drawn uniformly, with replacement, from all the
+    positions `text_window` accepts (a span of length L offers L - n + 1 of them), as nanoGPT
+    samples its batches. ValueError when no span holds `n` tokens.
+
+        >>> spans = np.array([[0, 10], [12, 17]])          # starts 0..6 and 12..13: 9 in all
+        >>> s = random_window_starts(spans, 4, 1000, np.random.default_rng(0))
+        >>> sorted(set(s.tolist())) == [0, 1, 2, 3, 4, 5, 6, 12, 13]
+        True
+    """
+    first, valid = _valid_starts(spans, n)
+    cum = np.cumsum(valid)
+    total = int(cum[-1]) if len(cum) else 0
+    if total == 0:
+        longest = int((np.asarray(spans).reshape(-1, 2) @ [-1, 1]).max(initial=0))
+        raise ValueError(f"no run of text-only rows holds a window of {n} tokens (the longest has "
+                         f"{longest}); use a shorter window")
+    u = rng.integers(0, total, size=count)
+    k = np.searchsorted(cum, u, side="right")                       # the span each draw falls in
+    return first[k] + (u - (cum[k] - valid[k]))
 
 
 def row_example(ds: Any, i: int) -> Example:

@@ -109,6 +109,7 @@ class PackedDataset:
         self._doc_offsets = None
         self._kinds = None
         self._text_idx = self._mm_idx = None
+        self._text_spans = None
         self.num_tokens = int(self._tok_starts[-1])
         self.tokenizer_dir = self.path / info["tokenizer"]["path"]
         dec = info.get("decision") or {}
@@ -250,6 +251,42 @@ class PackedDataset:
         if self._mm_idx is None:
             self._mm_idx = np.flatnonzero(self._row_kinds()).astype(np.int64)
         return self._mm_idx
+
+    @property
+    def text_spans(self) -> np.ndarray:
+        """int64 (n, 2): the ``[start, end)`` token ranges of the stream covered by maximal runs of
+        consecutive text-only rows, in stream order; empty runs (rows without tokens) are left out.
+
+        A text window (``collate.text_window``) must lie inside one span: rows with an image or a
+        decision label are served whole and never cut by, or folded into, a window (DESIGN §3).
+        Such a row always ends a run, even one without tokens. A span may cross shard boundaries
+        (a window there is a copy). Built on first use from the rows' metadata (vectorised; no
+        array over all documents is kept, only the spans).
+
+            >>> # rows: text [0, 5), text [5, 9), image [9, 12), text [12, 20)  # doctest: +SKIP
+            >>> ds.text_spans.tolist()
+            [[0, 9], [12, 20]]
+        """
+        if self._text_spans is None:
+            text = ~self._row_kinds()
+            edges = np.diff(np.concatenate([[False], text, [False]]).astype(np.int8))
+            first = np.flatnonzero(edges == 1)          # first row of each text-only run
+            stop = np.flatnonzero(edges == -1)          # one past its last row
+            spans = np.stack([self._doc_offsets_at(first), self._doc_offsets_at(stop)], axis=1)
+            self._text_spans = np.ascontiguousarray(spans[spans[:, 1] > spans[:, 0]],
+                                                    dtype=np.int64).reshape(-1, 2)
+        return self._text_spans
+
+    def _doc_offsets_at(self, rows: np.ndarray) -> np.ndarray:
+        """Stream offsets (int64) where rows `rows` (sorted, 0..len(self)) begin: len(self) maps
+        to num_tokens. One vectorised lookup per shard in its offset memmap."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.full(len(rows), self.num_tokens, dtype=np.int64)
+        shard = np.searchsorted(self._doc_starts, rows, side="right") - 1
+        for s in np.unique(shard[rows < len(self)]):
+            sel = shard == s
+            out[sel] = self._offsets[s][rows[sel] - self._doc_starts[s]] + self._tok_starts[s]
+        return out
 
     def load_tokenizer(self):
         """The tokenizers.Tokenizer stored with the data."""

@@ -277,3 +277,19 @@ def test_inspect_images_on_a_dataset_without_images_is_a_clear_error(tmp_path, k
     assert result.stderr.startswith("error: ") and "Traceback" not in result.output
     assert "no row of this dataset has an image (50 rows, 0 with a decision label)" in result.stderr
     assert "leave the option out" in result.stderr and not png.exists()
+
+
+def test_text_spans_of_text_rows_run_across_shards(packed):
+    from qovaryx_data.collate import text_window
+
+    ds = PackedDataset(packed["out"])
+    n_text = len(packed["verses"])                       # 4000 verses over >= 3 shards, then images
+    end = int(ds.doc_offsets[n_text])
+    assert ds.text_spans.tolist() == [[0, end]]          # one run, whatever the shards
+    boundary = ds.info["shards"][0]["num_tokens"]
+    w = text_window(ds, boundary - 5, 10)               # across a shard boundary: fine (a copy)
+    assert w.input_ids.tolist() == ds.window(boundary - 5, 10).tolist()
+    assert text_window(ds, end - 10, 10).input_ids.tolist() == ds.window(end - 10, 10).tolist()
+    with pytest.raises(ValueError, match=f"run of text-only rows holding token {end - 10} ends "
+                                         f"at {end}"):
+        text_window(ds, end - 10, 11)                    # one token into the first image row
