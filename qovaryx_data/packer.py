@@ -379,29 +379,98 @@ def _run_units(units, settings: _Settings, workers: int):
     pending = [k for k in range(len(units)) if not _part_path(work, k).is_file()]
     if workers <= 1 or len(pending) <= 1:
         _init_worker(settings, in_process=True)
-        results = (_process_unit((k, units[k])) for k in pending)
-        pool = None
+        results = ((k, _process_unit((k, units[k]))) for k in pending)
     else:
-        ctx = mp.get_context(MP_START)
-        if MP_START == "forkserver":
-            ctx.set_forkserver_preload(["qovaryx_data.packer"])
-        pool = ctx.Pool(min(workers, len(pending)), initializer=_init_worker, initargs=(settings,))
-        results = pool.imap(_process_unit, [(k, units[k]) for k in pending], chunksize=1)
+        results = _pool_results(units, pending, settings, workers)
     try:
-        it = iter(results)
-        pending_set = set(pending)
+        todo = set(pending)
         for k in range(len(units)):
-            if k in pending_set:
-                status, payload = next(it)
+            if k in todo:
+                k_ran, (status, payload) = next(results)
+                assert k_ran == k, (k_ran, k)
                 if status == "error":
                     raise _rebuild_error(payload)
                 yield k, {"ran": True, **payload}
             else:
                 yield k, {"ran": False}
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        results.close()   # stops the pool (and its workers) when the run ends early
+
+
+IN_FLIGHT_PER_WORKER = 2   # units submitted ahead per worker: workers stay busy, memory bounded
+
+
+def _pool_results(units, pending: list[int], settings: _Settings, workers: int):
+    """Yield (k, _process_unit result) for the `pending` units in order, from a process pool.
+
+    concurrent.futures notices a worker that dies (killed, out of memory): every unfinished unit
+    then fails with BrokenProcessPool, turned here into PackWorkerError. At most
+    IN_FLIGHT_PER_WORKER units per worker are submitted ahead of the one being waited for."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = mp.get_context(MP_START)
+    if MP_START == "forkserver":
+        ctx.set_forkserver_preload(["qovaryx_data.packer"])
+    n = min(workers, len(pending))
+    pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(settings,))
+    todo = iter(pending)
+    in_flight: deque = deque()
+
+    def submit() -> None:
+        k = next(todo, None)
+        if k is not None:
+            in_flight.append((k, pool.submit(_process_unit, (k, units[k]))))
+
+    finished = False
+    k = pending[0]
+    try:
+        for _ in range(IN_FLIGHT_PER_WORKER * n):
+            submit()
+        while in_flight:
+            k, fut = in_flight.popleft()
+            submit()
+            result = fut.result()
+            yield k, result
+        finished = True
+    except BrokenProcessPool:   # raised by result() or submit() once a worker has died
+        raise _worker_died(pool, units[k], k, Path(settings.work_dir)) from None
+    finally:
+        _stop_pool(pool, graceful=finished)
+
+
+class PackWorkerError(QovaryxDataError):
+    """A worker process of the pack died (killed by a signal, out of memory, a crash)."""
+
+
+def _worker_died(pool, unit, k: int, work: Path) -> PackWorkerError:
+    import signal
+
+    codes = sorted({p.exitcode for p in (pool._processes or {}).values()   # noqa: SLF001
+                    if p.exitcode not in (None, 0)})
+    how = ", ".join(f"killed by {signal.Signals(-c).name}" if c < 0 and -c in signal.valid_signals()
+                    else f"exit status {c}" for c in codes) or "it exited unexpectedly"
+    return PackWorkerError(
+        f"a pack worker process died ({how}) with units still being tokenized (the next one "
+        f"due: unit {k}, {unit.path} [{unit.start}, {unit.end})); the pack stopped. A worker killed by SIGKILL is often the "
+        f"out-of-memory killer: lower --workers, or give the machine more memory. Finished units "
+        f"are kept in {work}: re-run the same pack to resume from them")
+
+
+def _stop_pool(pool, graceful: bool) -> None:
+    """Shut the pool down; after an error or an interrupt, kill its workers instead of waiting
+    for their units to finish."""
+    procs = list((pool._processes or {}).values())   # noqa: SLF001 - no public handle in 3.11
+    if graceful:
+        pool.shutdown(wait=True)
+        return
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join()
 
 
 def _rebuild_error(payload: dict) -> Exception:
