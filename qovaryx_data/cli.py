@@ -100,7 +100,11 @@ def train_bpe_cmd(inputs, out, vocab_size, min_frequency, text_field, split, fmt
               help="Worker processes [default: all cores]. The output is identical for any value.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar (documents, tokens, tokens/s) on stderr.")
-def pack_cmd(manifest, out, workers, progress) -> None:
+@click.option("--force", is_flag=True,
+              help="Pack into a non-empty output folder that holds no earlier pack. Only pack's own "
+                   "names there are written or replaced (dataset.json, shard-NNNNN.*, tokenizer/, "
+                   "train/, val/, .work/, .pack.lock); other files are left alone.")
+def pack_cmd(manifest, out, workers, progress, force) -> None:
     """Compile the sources of a manifest into a packed, memory-mapped dataset (once).
 
     Re-running with unchanged inputs does nothing; an interrupted run resumes.
@@ -111,7 +115,7 @@ def pack_cmd(manifest, out, workers, progress) -> None:
     """
     from qovaryx_data.packer import pack
 
-    r = pack(manifest, out=out, workers=workers, progress=progress)
+    r = pack(manifest, out=out, workers=workers, progress=progress, force=force)
     if r.up_to_date:
         click.echo(f"{r.out}: up to date, nothing to do ({r.documents:,} documents, "
                    f"{r.tokens:,} tokens)")

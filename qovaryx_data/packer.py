@@ -24,6 +24,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -73,22 +74,51 @@ class PackResult:
 # ============================================================================ entry point
 
 def pack(manifest: PackManifest | str | os.PathLike, *, out: str | os.PathLike | None = None,
-         workers: int | None = None, progress: bool = True) -> PackResult:
+         workers: int | None = None, progress: bool = True, force: bool = False) -> PackResult:
     """Compile `manifest` into a packed dataset under `out` (default: the manifest's `output`).
 
     Idempotent (same inputs: returns with ``up_to_date=True``), resumable (finished units are
     kept in ``<out>/.work``), byte-identical for any `workers`. Raises SourceError for a bad row
-    with ``on_error: fail``, PackLockedError when another pack writes the same output.
+    with ``on_error: fail``, PackLockedError when another pack writes the same output, and
+    QovaryxDataError for a non-empty `out` that holds no earlier pack unless `force` (even then
+    only pack's own names are ever replaced or deleted there: see OWN_NAMES).
     """
     t0 = time.perf_counter()
     m = manifest if isinstance(manifest, PackManifest) else load_manifest(manifest)
     if out is None and m.output is None:
         raise QovaryxDataError(f"manifest {m.name!r} has no `output:`; give --out DIR")
     out_dir = Path(out if out is not None else m.output).resolve()
+    if not force:
+        _refuse_foreign_output(out_dir)
     workers = max(1, workers or _usable_cores())
     out_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(out_dir / LOCK_FILE):
         return _pack_locked(m, out_dir, workers, progress, t0)
+
+
+# What a pack writes into its output folder, and the only names it ever replaces or deletes there.
+OWN_NAMES = (DATASET_JSON, "shard-NNNNN.{tok,idx,meta.arrow,img}", "tokenizer/", "train/", "val/",
+             WORK_DIR + "/", LOCK_FILE)
+_SHARD_FILE = re.compile(r"shard-\d{5}\.(tok|idx|meta\.arrow|img)")
+_OWN_TEMP = re.compile(r"\.(shard-\d{5}\.(tok|idx|meta\.arrow|img)\.tmp|dataset\.json\.tmp-\d+)")
+
+
+def _refuse_foreign_output(out_dir: Path) -> None:
+    """A non-empty folder with no trace of a pack (dataset.json, .work, the lock) is someone
+    else's: packing there could replace files of theirs, so ask for --force."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    marks = [out_dir / DATASET_JSON, out_dir / WORK_DIR, out_dir / LOCK_FILE,
+             out_dir / "train" / DATASET_JSON, out_dir / "val" / DATASET_JSON]
+    if any(p.exists() for p in marks):
+        return
+    names = sorted(p.name for p in out_dir.iterdir())
+    some = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+    raise QovaryxDataError(
+        f"{out_dir}: the output folder is not empty ({some}) and holds no earlier "
+        f"pack (no {DATASET_JSON}, {WORK_DIR}/ or {LOCK_FILE}); pack into a new or empty folder "
+        f"(--out), or pass --force (pack(force=True)) to pack there anyway: pack then writes and "
+        f"replaces only its own names ({', '.join(OWN_NAMES)}) and leaves every other file alone")
 
 
 def _usable_cores() -> int:
@@ -305,7 +335,8 @@ def _remove_other_layout(out_dir: Path, splits: list[str]) -> None:
     elif (out_dir / DATASET_JSON).is_file():
         (out_dir / DATASET_JSON).unlink()
         for p in out_dir.glob("shard-*"):
-            p.unlink()
+            if _SHARD_FILE.fullmatch(p.name) and p.is_file():
+                p.unlink()
         shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
 
 
@@ -946,12 +977,11 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def _remove_stale(folder: Path, shards: list[dict]) -> None:
-    """Delete shard files of an older pack that this one does not list."""
+    """Delete shard files of an older pack that this one does not list, and temp files of a run
+    killed mid-write: only names a pack writes (shard-00012.tok, .shard-00012.tok.tmp, ...)."""
     keep = {v for sh in shards for k, v in sh.items() if k in ("tokens", "offsets", "meta", "images")
             and v}
-    for p in folder.glob("shard-*"):
-        if p.name not in keep:
-            p.unlink()
-    for p in folder.glob(".*.tmp*"):   # temp files of a run killed mid-write
-        if p.is_file():
+    for p in folder.iterdir():
+        if ((_SHARD_FILE.fullmatch(p.name) and p.name not in keep) or _OWN_TEMP.fullmatch(p.name)) \
+                and p.is_file():
             p.unlink()

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer
 
 from qovaryx_data import PackedDataset, SourceError, tokenizer_hash
+from qovaryx_data.errors import QovaryxDataError
 from qovaryx_data.cli import main
 from qovaryx_data.packer import PackLockedError, pack
 
@@ -421,3 +422,38 @@ def test_cli_reports_a_bad_row_with_file_and_line(small_tokenizer, tmp_path):
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and "x.jsonl" in result.output
     assert "line 2" in result.output or "row 2" in result.output
+
+
+def test_a_non_empty_output_that_is_not_a_pack_is_refused(small_tokenizer, kjv_path, tmp_path):
+    """pack never touches files it did not write: a non-empty --out with no earlier pack is
+    refused unless --force, and even then (and on later re-packs) only pack's own names are
+    replaced or deleted. Review finding 7."""
+    src = tmp_path / "v.txt"
+    src.write_text(kjv_path.read_text()[:3000])
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "v.txt", "split": "line"}])
+    out = tmp_path / "out"
+    mine = {"shard-000000.tar": b"my webdataset shard", "shard-00000.tok.bak": b"a backup",
+            "notes.txt": b"keep", ".draft.tmpl": b"dot file", ".shard-00000.tok.tmp.mine": b"x"}
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "my_vocab.txt").write_bytes(b"mine")
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    before = files_of(out)
+
+    with pytest.raises(QovaryxDataError, match=r"out: the output folder is not empty \(.*notes\.txt"
+                                               r".*\) and holds no earlier pack .*--force"):
+        pack(m, workers=1, progress=False)
+    result = CliRunner().invoke(main, ["pack", "--manifest", str(m), "--no-progress"])
+    assert result.exit_code == 2 and "pass --force" in result.stderr, result.output
+    assert files_of(out) == before and not (out / ".pack.lock").exists()
+
+    result = CliRunner().invoke(main, ["pack", "--manifest", str(m), "--no-progress", "--force"])
+    assert result.exit_code == 0, result.output
+    n = len(PackedDataset(out))
+    assert n > 10 and all((out / name).read_bytes() == data for name, data in mine.items())
+    assert not (out / "tokenizer" / "my_vocab.txt").exists()    # tokenizer/ is pack's own name
+
+    src.write_text(kjv_path.read_text()[:1500])                 # a re-pack needs no --force now
+    assert not pack(m, workers=1, progress=False).up_to_date
+    assert 0 < len(PackedDataset(out)) < n
+    assert all((out / name).read_bytes() == data for name, data in mine.items())
