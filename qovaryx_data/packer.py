@@ -44,7 +44,7 @@ from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_SIZE, META_
 from qovaryx_data.manifest import (DATASET_JSON, NUM_DECISION_CLASSES, PackManifest, load_manifest,
                                    read_dataset_json, write_dataset_json)
 
-PACK_CODE_VERSION = 1          # bump when the packer's output for the same inputs changes
+PACK_CODE_VERSION = 2          # bump when the packer's output for the same inputs changes
 SKIP_SAMPLE_LIMIT = 100        # (file, row, reason) examples kept in dataset.json
 EOS_TOKEN = "<|endoftext|>"
 WORK_DIR = ".work"
@@ -571,10 +571,10 @@ def _tokenize_unit(k: int, unit) -> dict:
         if isinstance(item, Skipped):
             part.record(item.path, item.row, item.reason, item.message)
             continue
-        pixels = None
+        pixels = digest = None
         if item.image is not None:
             try:
-                pixels = _load_image(item, s.image_spec)
+                pixels, digest = _load_image(item, s.image_spec)
             except SourceError as e:
                 if s.on_error != "skip":
                     raise
@@ -582,7 +582,7 @@ def _tokenize_unit(k: int, unit) -> dict:
                             str(e))
                 continue
             chunk_bytes += pixels.nbytes
-        chunk.append((item, pixels))
+        chunk.append((item, pixels, digest))
         if len(chunk) >= CHUNK_ROWS or chunk_bytes >= CHUNK_PIXEL_BYTES:
             part.add_rows(chunk)
             chunk, chunk_bytes = [], 0
@@ -612,12 +612,13 @@ class _UnitPart:
             self.samples.append({"path": path, "row": row, "reason": reason, "message": message})
 
     def add_rows(self, chunk: list) -> None:
-        """Tokenize a chunk of (Row, pixels or None), check it, keep its documents."""
+        """Tokenize a chunk of (Row, pixels, source digest) (no image: None, None), check it,
+        keep its documents."""
         if not chunk:
             return
         s = self.s
-        encs = _W["tok"].encode_batch_fast([r.text for r, _ in chunk], add_special_tokens=False)
-        for (r, pixels), enc in zip(chunk, encs):
+        encs = _W["tok"].encode_batch_fast([r.text for r, _, _ in chunk], add_special_tokens=False)
+        for (r, pixels, digest), enc in zip(chunk, encs):
             ids = enc.ids
             n_text = len(ids)
             if pixels is None and r.decision is None and n_text < s.min_tokens:
@@ -636,9 +637,11 @@ class _UnitPart:
                         raise e
                     self.record(r.path, r.row, e.reason, str(e))
                     continue
+            # The train/val side hashes what the user gave (text, the image's encoded bytes, the
+            # label), never the decoded pixels: changing `images:` must not move rows across.
             h = xxhash.xxh3_64(r.text.encode("utf-8", "surrogatepass"))
             if pixels is not None:
-                h.update(pixels.tobytes())
+                h.update(digest)
                 if self.pix_file is None:
                     self.pix_file = open(self.pix_tmp, "wb")
                 self.pix_file.write(pixels.tobytes())
@@ -689,12 +692,21 @@ def _bad_position_message(r, n_text: int) -> str:
             f"text tokens (0..{n_text - 1}); fix the position field or the text")
 
 
-def _load_image(row, spec):
+def _load_image(row, spec) -> tuple[np.ndarray, bytes]:
+    """The row's decoded pixels, and the xxh3-128 digest of its source image: the encoded bytes
+    as given, or the file's bytes for a path (the same digest either way)."""
     from qovaryx_data.images import load_image
 
     root = Path(row.path).parent if Path(row.path).is_file() else Path(row.path)
-    return load_image(row.image, root=root, spec=spec, where=f"{row.path} row {row.row}",
-                      source=row.path, row=row.row)
+    pixels = load_image(row.image, root=root, spec=spec, where=f"{row.path} row {row.row}",
+                        source=row.path, row=row.row)
+    if isinstance(row.image, str):
+        h = xxhash.xxh3_128()
+        with open(os.path.join(root, row.image), "rb") as f:   # load_image checked the path
+            while block := f.read(1 << 20):
+                h.update(block)
+        return pixels, h.digest()
+    return pixels, xxhash.xxh3_128_digest(bytes(row.image))
 
 
 def _write_part(path: Path, arrays: dict) -> None:

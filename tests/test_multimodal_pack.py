@@ -348,3 +348,36 @@ def test_labelled_row_with_no_tokens_under_separator_none(bad_src, small_tokeniz
     out = pack_manifest(tmp_path, small_tokenizer, sources, separator="none", on_error="skip")
     info = json.loads((out / "dataset.json").read_text())
     assert info["skipped"] == {"bad_position": 1} and len(PackedDataset(out)) == 1
+
+
+def test_validation_side_does_not_depend_on_image_settings(fm, small_tokenizer, tmp_path):
+    """A row's train/val side hashes its text, its source image's bytes and its label, not the
+    decoded pixels: re-packing with another size or mode moves no row across. Review finding 9."""
+    sides = []
+    for k, images in enumerate(({"size": [28, 28], "mode": "L"},
+                                {"size": [12, 20], "mode": "RGB", "resize": "fit"})):
+        work = tmp_path / str(k)
+        work.mkdir()
+        out = pack_manifest(work, small_tokenizer, [{"path": str(fm["jsonl"]), **MM}],
+                            images=images, validation=0.3)
+        val = PackedDataset(out / "val")
+        sides.append(sorted(val[i].row for i in range(len(val))))
+    n_image_rows = sum(1 for r in fm["rows"] if "image" in r)
+    assert 0.15 * n_image_rows < len(sides[0]) < 0.45 * len(fm["rows"])
+    assert sides[0] == sides[1]
+
+    # The same rows with each image's encoded bytes in a parquet column: the same sides.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = fm["jsonl"].parent
+    table = pa.table({"text": [r["text"] for r in fm["rows"]],
+                      "image": [(src / r["image"]).read_bytes() if "image" in r else None
+                                for r in fm["rows"]],
+                      "label": [r.get("label") for r in fm["rows"]]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    out = pack_manifest(tmp_path, small_tokenizer,
+                        [{"path": "rows.parquet", **MM, "format": "parquet"}],
+                        images={"size": [28, 28], "mode": "L"}, validation=0.3)
+    val = PackedDataset(out / "val")
+    assert sorted(val[i].row + 1 for i in range(len(val))) == sides[0]   # 0-based parquet rows
