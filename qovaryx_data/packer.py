@@ -42,13 +42,16 @@ from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_SIZE, META_
                                  META_FORMAT_VALUE, META_VERSION_KEY, dtype_name, pack_header,
                                  padded, token_dtype)
 from qovaryx_data.manifest import (DATASET_JSON, NUM_DECISION_CLASSES, PackManifest, load_manifest,
-                                   read_dataset_json, write_dataset_json)
+                                   read_dataset_json, write_dataset_json, write_json_atomic)
 
 PACK_CODE_VERSION = 2          # bump when the packer's output for the same inputs changes
 SKIP_SAMPLE_LIMIT = 100        # (file, row, reason) examples kept in dataset.json
 EOS_TOKEN = "<|endoftext|>"
 WORK_DIR = ".work"
 LOCK_FILE = ".pack.lock"
+IMAGE_FILES = "image_files.json"    # (path, size, mtime_ns) of every image file a pack read
+IMAGE_FILES_FORMAT = "qovaryx-image-files"
+IMAGE_FILES_VERSION = 1
 # forkserver: workers fork from a clean server (no inherited locks, threads or tokenizer state)
 MP_START = os.environ.get("QOVARYX_MP_START",
                           "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
@@ -97,10 +100,11 @@ def pack(manifest: PackManifest | str | os.PathLike, *, out: str | os.PathLike |
 
 
 # What a pack writes into its output folder, and the only names it ever replaces or deletes there.
-OWN_NAMES = (DATASET_JSON, "shard-NNNNN.{tok,idx,meta.arrow,img}", "tokenizer/", "train/", "val/",
-             WORK_DIR + "/", LOCK_FILE)
+OWN_NAMES = (DATASET_JSON, "shard-NNNNN.{tok,idx,meta.arrow,img}", IMAGE_FILES, "tokenizer/",
+             "train/", "val/", WORK_DIR + "/", LOCK_FILE)
 _SHARD_FILE = re.compile(r"shard-\d{5}\.(tok|idx|meta\.arrow|img)")
-_OWN_TEMP = re.compile(r"\.(shard-\d{5}\.(tok|idx|meta\.arrow|img)\.tmp|dataset\.json\.tmp-\d+)")
+_OWN_TEMP = re.compile(r"\.(shard-\d{5}\.(tok|idx|meta\.arrow|img)\.tmp|"
+                       r"(dataset|image_files)\.json\.tmp-\d+)")
 
 
 def _refuse_foreign_output(out_dir: Path) -> None:
@@ -242,7 +246,8 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     folders = {s: out_dir / s if s else out_dir for s in splits}
     result = PackResult(out_dir, folders, up_to_date=True, units=len(units))
 
-    if all(_is_complete(f, fingerprint) for f in folders.values()):
+    if (all(_is_complete(f, fingerprint) for f in folders.values())
+            and _image_files_unchanged(folders.values())):
         shutil.rmtree(out_dir / WORK_DIR, ignore_errors=True)  # killed just before its cleanup
         infos = [read_dataset_json(f) for f in folders.values()]
         result.documents = sum(i["num_documents"] for i in infos)
@@ -254,6 +259,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
 
     work = out_dir / WORK_DIR
     _prepare_work_dir(work, fingerprint)
+    _drop_parts_with_changed_images(work)
     dtype = token_dtype(vocab_size)
     settings = _Settings(m.tokenizer, tuple(configs), m.on_error, eos_id, m.min_tokens,
                          m.validation, dtype_name(dtype), image_spec, str(work))
@@ -267,6 +273,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     skipped: Counter = Counter()
     samples: list[dict] = []
     file_ids: dict[str, int] = {}
+    image_files: dict[str, list] = {}   # path -> [path, size, mtime_ns], first read in unit order
     bar = _progress_bar(len(units), progress)
     docs_total = tokens_total = 0
     try:
@@ -278,6 +285,8 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
             skipped.update(meta["skipped"])
             room = SKIP_SAMPLE_LIMIT - len(samples)
             samples.extend(meta["samples"][:max(room, 0)])
+            for path, size, mtime_ns in meta["image_files"]:
+                image_files.setdefault(path, [path, size, mtime_ns])
             fids = np.array([file_ids.setdefault(p, len(file_ids)) for p in meta["files"]],
                             dtype=np.int32)
             for si, s in enumerate(splits):
@@ -316,6 +325,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     }
     for s in splits:
         writers[s].finish(common, split=s or None, tokenizer_src=Path(m.tokenizer),
+                          image_files=list(image_files.values()),
                           sources=[str(c.path) for c in configs])
     shutil.rmtree(work, ignore_errors=True)
     result.documents = docs_total
@@ -334,6 +344,7 @@ def _remove_other_layout(out_dir: Path, splits: list[str]) -> None:
                 shutil.rmtree(out_dir / s)
     elif (out_dir / DATASET_JSON).is_file():
         (out_dir / DATASET_JSON).unlink()
+        (out_dir / IMAGE_FILES).unlink(missing_ok=True)
         for p in out_dir.glob("shard-*"):
             if _SHARD_FILE.fullmatch(p.name) and p.is_file():
                 p.unlink()
@@ -573,6 +584,8 @@ def _tokenize_unit(k: int, unit) -> dict:
             continue
         pixels = digest = None
         if item.image is not None:
+            if isinstance(item.image, str) and item.image:
+                part.note_image_file(_image_file(item))   # stat before reading: see IMAGE_FILES
             try:
                 pixels, digest = _load_image(item, s.image_spec)
             except SourceError as e:
@@ -601,10 +614,15 @@ class _UnitPart:
         self.skipped: Counter = Counter()
         self.samples: list[dict] = []
         self.file_ids: dict[str, int] = {}
+        self.image_files: dict[str, list] = {}    # image file read -> [path, size, mtime_ns]
         self.ids: list[list[int]] = []
         self.cols: dict[str, list] = {c: [] for c in ("split", "row", "file_id", "decision",
                                                        "position", "has_image")}
         self.val_cut = int(settings.validation * 2 ** 64)
+
+    def note_image_file(self, path: str) -> None:
+        if path not in self.image_files:
+            self.image_files[path] = [path, *_stat_pair(path)]
 
     def record(self, path, row, reason, message) -> None:
         self.skipped[reason] += 1
@@ -666,6 +684,7 @@ class _UnitPart:
             os.replace(self.pix_tmp, self.pix_path)
         c = self.cols
         meta = {"unit": k, "files": list(self.file_ids), "skipped": dict(self.skipped),
+                "image_files": list(self.image_files.values()),
                 "samples": self.samples}
         arrays = dict(tokens=tokens, lengths=lengths, split=np.array(c["split"], np.uint8),
                       row=np.array(c["row"], np.int64), file_id=np.array(c["file_id"], np.int32),
@@ -692,12 +711,62 @@ def _bad_position_message(r, n_text: int) -> str:
             f"text tokens (0..{n_text - 1}); fix the position field or the text")
 
 
+def _image_root(row) -> Path:
+    """Image paths are relative to the source file's folder (an hf source: the folder itself)."""
+    return Path(row.path).parent if Path(row.path).is_file() else Path(row.path)
+
+
+def _image_file(row) -> str:
+    """The file an image path of `row` reads (symlinks resolved, as images.load_image does)."""
+    return os.path.realpath(os.path.join(_image_root(row), row.image))
+
+
+def _stat_pair(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a file; (-1, -1) when it is missing or unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _image_files_unchanged(folders) -> bool:
+    """Every image file recorded by the packs in `folders` still has its size and mtime:
+    O(image files) stats, no decoding. A missing or unreadable record counts as a change."""
+    recorded: dict[str, tuple[int, int]] = {}
+    for folder in folders:
+        name = read_dataset_json(folder).get("image_files")
+        if name is None:
+            continue
+        try:
+            rec = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+            if (rec.get("format"), rec.get("version")) != (IMAGE_FILES_FORMAT, IMAGE_FILES_VERSION):
+                return False
+            recorded.update((p, (size, mtime_ns)) for p, size, mtime_ns in rec["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+    return all(_stat_pair(p) == st for p, st in recorded.items())
+
+
+def _drop_parts_with_changed_images(work: Path) -> None:
+    """A finished unit of an interrupted run whose image files changed since is redone."""
+    for part in sorted(work.glob("unit-*.npz")):
+        try:
+            with np.load(part) as z:
+                files = json.loads(z["meta"].tobytes())["image_files"]
+        except Exception:  # noqa: BLE001 - unreadable: _load_part reports and deletes it
+            continue
+        if any(_stat_pair(p) != (size, mtime_ns) for p, size, mtime_ns in files):
+            part.unlink()
+            part.with_suffix(".pix").unlink(missing_ok=True)
+
+
 def _load_image(row, spec) -> tuple[np.ndarray, bytes]:
     """The row's decoded pixels, and the xxh3-128 digest of its source image: the encoded bytes
     as given, or the file's bytes for a path (the same digest either way)."""
     from qovaryx_data.images import load_image
 
-    root = Path(row.path).parent if Path(row.path).is_file() else Path(row.path)
+    root = _image_root(row)
     pixels = load_image(row.image, root=root, spec=spec, where=f"{row.path} row {row.row}",
                         source=row.path, row=row.row)
     if isinstance(row.image, str):
@@ -929,7 +998,7 @@ class _DatasetWriter:
             self.cur = None
 
     def finish(self, common: dict, *, split: str | None, tokenizer_src: Path,
-               sources: list[str]) -> None:
+               sources: list[str], image_files: list) -> None:
         if self.cur is not None and (self.cur.n_docs or not self.shards):
             self.shards.append(self.cur.close())
         elif self.cur is not None:
@@ -941,11 +1010,19 @@ class _DatasetWriter:
             self.cur = None
         _copy_tokenizer(tokenizer_src, self.folder / "tokenizer")
         _remove_stale(self.folder, self.shards)
+        if image_files:
+            write_json_atomic(self.folder / IMAGE_FILES,
+                              {"format": IMAGE_FILES_FORMAT, "version": IMAGE_FILES_VERSION,
+                               "files": image_files})
+        else:
+            (self.folder / IMAGE_FILES).unlink(missing_ok=True)
         files = {}
         for sh in self.shards:
             for key in ("tokens", "offsets", "meta", "images"):
                 if sh[key]:
                     files[sh[key]] = file_entry(self.folder / sh[key])
+        if image_files:
+            files[IMAGE_FILES] = file_entry(self.folder / IMAGE_FILES)
         for p in sorted((self.folder / "tokenizer").iterdir()):
             files[f"tokenizer/{p.name}"] = file_entry(p)
         info = dict(common)
@@ -958,6 +1035,7 @@ class _DatasetWriter:
             "shard_tokens": self.shard_tokens,
             "sources": [{"path": p, **st} for p, st in zip(sources, self.per_source)],
             "shards": self.shards,
+            "image_files": IMAGE_FILES if image_files else None,
             "files": files,
         })
         write_dataset_json(self.folder, info)

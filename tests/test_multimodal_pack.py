@@ -381,3 +381,62 @@ def test_validation_side_does_not_depend_on_image_settings(fm, small_tokenizer, 
                         images={"size": [28, 28], "mode": "L"}, validation=0.3)
     val = PackedDataset(out / "val")
     assert sorted(val[i].row + 1 for i in range(len(val))) == sides[0]   # 0-based parquet rows
+
+
+def _save_gray(path: Path, value: int, mtime_ns: int) -> None:
+    """An 8x8 PNG of one grey value, with an explicit mtime (no reliance on clock resolution)."""
+    Image.fromarray(np.full((8, 8), value, np.uint8)).save(path, format="PNG")
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_a_changed_image_file_repacks(small_tokenizer, tmp_path):
+    """Image files are inputs too: the pack records each one's (path, size, mtime) and a change
+    (or a missing image appearing) means a repack, not stale pixels. Review finding 8."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _save_gray(src / "a.png", 10, 1_000_000_000_000_000_000)
+    _write_rows(src / "rows.jsonl", [{"text": "a", "image": "a.png"},
+                                     {"text": "c", "image": "c.png"}], tmp_path)
+    sources = [{"path": "src/rows.jsonl", **MM}]
+    images = {"size": [8, 8], "mode": "L"}
+    out = pack_manifest(tmp_path, small_tokenizer, sources, images=images, on_error="skip")
+    info = json.loads((out / "dataset.json").read_text())
+    rec = json.loads((out / info["image_files"]).read_text())
+    assert rec["format"] == "qovaryx-image-files" and "image_files.json" in info["files"]
+    assert [(Path(p).name, size) for p, size, _ in rec["files"]] == [
+        ("a.png", (src / "a.png").stat().st_size), ("c.png", -1)]        # c.png: missing
+    m = tmp_path / "pack.yaml"
+    assert pack(m, workers=1, progress=False).up_to_date
+
+    _save_gray(src / "a.png", 200, 1_000_000_000_000_000_001)             # same size, new pixels
+    assert not pack(m, workers=1, progress=False).up_to_date
+    ds = PackedDataset(out)
+    assert len(ds) == 1 and int(ds[0].image.max()) == int(ds[0].image.min()) == 200
+    assert pack(m, workers=1, progress=False).up_to_date
+
+    _save_gray(src / "c.png", 30, 1_000_000_000_000_000_000)              # the missing one appears
+    assert not pack(m, workers=1, progress=False).up_to_date
+    assert [int(PackedDataset(out)[i].image[0, 0, 0]) for i in range(2)] == [200, 30]
+
+
+def test_a_resumed_pack_redoes_units_whose_images_changed(small_tokenizer, tmp_path):
+    """A finished unit left in .work by a failed run is not reused once one of its image files
+    changed (image files are not in the fingerprint that keeps .work). Review finding 8."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _save_gray(src / "a.png", 10, 1_000_000_000_000_000_000)
+    filler = [{"text": f"filler row {i} " + "x" * 60} for i in range(40)]   # > 2 units of 1 KiB
+    _write_rows(src / "rows.jsonl", [{"text": "a", "image": "a.png"}, *filler,
+                                     {"text": "late", "image": "late.png"}], tmp_path)
+    sources = [{"path": "src/rows.jsonl", **MM}]
+    images = {"size": [8, 8], "mode": "L"}
+    with pytest.raises(SourceError, match="late.png"):                     # late.png is missing
+        pack_manifest(tmp_path, small_tokenizer, sources, images=images, unit_bytes=1024)
+    kept = len(list((tmp_path / "out" / ".work").glob("unit-*.npz")))   # kept for a resume
+    assert kept >= 2 and (tmp_path / "out" / ".work" / "unit-000000.npz").is_file()
+    _save_gray(src / "a.png", 200, 1_000_000_000_000_000_001)
+    _save_gray(src / "late.png", 30, 1_000_000_000_000_000_000)
+    r = pack(tmp_path / "pack.yaml", workers=1, progress=False)
+    ds = PackedDataset(tmp_path / "out")
+    assert int(ds[0].image[0, 0, 0]) == 200 and int(ds[len(ds) - 1].image[0, 0, 0]) == 30
+    assert r.units_done == r.units - kept + 1                 # the kept units but unit 0 resumed
