@@ -101,10 +101,10 @@ def train_bpe_cmd(inputs, out, vocab_size, min_frequency, text_field, split, fmt
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar (documents, tokens, tokens/s) on stderr.")
 @click.option("--force", is_flag=True,
-              help="Pack into a non-empty output folder that holds no earlier pack. Only pack's own "
-                   "names there are written or replaced (dataset.json, shard-NNNNN.*, image_files.json, "
-                   "tokenizer/, "
-                   "train/, val/, .work/, .pack.lock); other files are left alone.")
+              help="Pack into a non-empty output folder that holds no earlier pack. Only pack's "
+                   "own names there are written or replaced (dataset.json, shard-NNNNN.*, "
+                   "image_files.json, tokenizer/, train/, val/, .work/, .pack.lock); other files "
+                   "are left alone.")
 def pack_cmd(manifest, out, workers, progress, force) -> None:
     """Compile the sources of a manifest into a packed, memory-mapped dataset (once).
 

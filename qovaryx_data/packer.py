@@ -12,7 +12,10 @@ Two stages, so that the output never depends on the number of workers:
    does not grow with the corpus); then the tokenizer copy, checksums, and ``dataset.json`` last.
 
 A fingerprint of the inputs (manifest, tokenizer hash, source files' sizes and mtimes, format and
-code version) is stored in ``dataset.json``; a re-run with the same fingerprint does nothing.
+code version) is stored in ``dataset.json``, and the image files read in ``image_files.json``; a
+re-run with the same fingerprint and unchanged image files does nothing. Pack only ever touches
+its own names in the output folder (OWN_NAMES), and refuses a non-empty folder that holds no
+earlier pack unless forced.
 
     >>> pack("manifests/shakespeare.yaml", workers=2)           # doctest: +SKIP
     PackResult(out=PosixPath('build/packed/shakespeare'), up_to_date=False, documents=42, ...)
@@ -489,15 +492,18 @@ class PackWorkerError(QovaryxDataError):
 def _worker_died(pool, unit, k: int, work: Path) -> PackWorkerError:
     import signal
 
-    codes = sorted({p.exitcode for p in (pool._processes or {}).values()   # noqa: SLF001
-                    if p.exitcode not in (None, 0)})
+    codes = {p.exitcode for p in (pool._processes or {}).values()   # noqa: SLF001
+             if p.exitcode not in (None, 0)}
+    if len(codes) > 1:   # the pool SIGTERMs the survivors once one worker died: not the cause
+        codes.discard(-signal.SIGTERM)
     how = ", ".join(f"killed by {signal.Signals(-c).name}" if c < 0 and -c in signal.valid_signals()
-                    else f"exit status {c}" for c in codes) or "it exited unexpectedly"
+                    else f"exit status {c}" for c in sorted(codes)) or "it exited unexpectedly"
     return PackWorkerError(
         f"a pack worker process died ({how}) with units still being tokenized (the next one "
-        f"due: unit {k}, {unit.path} [{unit.start}, {unit.end})); the pack stopped. A worker killed by SIGKILL is often the "
-        f"out-of-memory killer: lower --workers, or give the machine more memory. Finished units "
-        f"are kept in {work}: re-run the same pack to resume from them")
+        f"due: unit {k}, {unit.path} [{unit.start}, {unit.end})); the pack stopped. A worker "
+        f"killed by SIGKILL is often the out-of-memory killer: lower --workers, or give the "
+        f"machine more memory. Finished units are kept in {work}: re-run the same pack to resume "
+        f"from them")
 
 
 def _stop_pool(pool, graceful: bool) -> None:
