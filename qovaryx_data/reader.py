@@ -107,7 +107,6 @@ class PackedDataset:
         self._n_shards = len(self._tokens)
         self._meta: list[dict | None] = [None] * len(info["shards"])
         self._doc_offsets = None
-        self._kinds = None
         self._text_idx = self._mm_idx = None
         self._text_spans = None
         self.num_tokens = int(self._tok_starts[-1])
@@ -232,11 +231,12 @@ class PackedDataset:
         return self._doc_offsets
 
     def _row_kinds(self) -> np.ndarray:
-        if self._kinds is None:
-            kinds = [(m["decision"] >= 0) | (m["image"] >= 0)
-                     for m in (self._shard_meta(s) for s in range(len(self._tokens)))]
-            self._kinds = np.concatenate(kinds) if kinds else np.zeros(0, bool)
-        return self._kinds
+        """bool per row: True for a row with an image or a decision label. Built afresh on each
+        call (O(documents)) and not kept: a long-lived reader in every DataLoader worker would
+        otherwise hold one byte per document."""
+        kinds = [(m["decision"] >= 0) | (m["image"] >= 0)
+                 for m in (self._shard_meta(s) for s in range(self._n_shards))]
+        return np.concatenate(kinds) if kinds else np.zeros(0, bool)
 
     @property
     def text_doc_indices(self) -> np.ndarray:
