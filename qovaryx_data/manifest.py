@@ -19,11 +19,11 @@ from typing import Any
 
 from qovaryx_data.errors import FormatError, ManifestError
 from qovaryx_data.format import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION
-from qovaryx_data.sources import DEFAULT_UNIT_BYTES, DEFAULT_UNIT_ROWS, FORMATS, ON_ERROR, SPLITS, SourceConfig
+from qovaryx_data.sources import (DEFAULT_UNIT_BYTES, DEFAULT_UNIT_ROWS, FORMATS, NUM_DECISION_CLASSES,
+                                  ON_ERROR, SPLITS, SourceConfig)
 
 DATASET_JSON = "dataset.json"
 SEPARATORS = ("eos", "none")
-NUM_DECISION_CLASSES = 4      # the decision head's classes (docs/CONTRACTS.md)
 
 # One `sources:` entry is exactly the readers' config (qovaryx_data.sources.SourceConfig); the
 # manifest accepts every field of it except num_decision_classes, which the model fixes at 4.

@@ -25,6 +25,7 @@ exactly one unit (the one its first byte falls in).
 """
 from __future__ import annotations
 
+import functools
 import glob as _glob
 import io
 import json
@@ -40,6 +41,7 @@ SPLITS = ("file", "line", "paragraph")
 ON_ERROR = ("fail", "skip")
 DEFAULT_UNIT_BYTES = 1 << 20
 DEFAULT_UNIT_ROWS = 8192
+NUM_DECISION_CLASSES = 4  # the decision head's classes (docs/CONTRACTS.md)
 
 # suffix -> format; checked longest first so ".jsonl.zst" wins over ".zst"
 _SUFFIX_FORMATS = (
@@ -68,7 +70,7 @@ class SourceConfig:
     decision_position: str = "last"  # "last", or a column holding an index into the row's text tokens
     errors: str = "strict"  # invalid UTF-8: "strict" rejects the row, "replace" substitutes U+FFFD
     auto_fields: bool = True  # hf: an unset image/decision field takes the Image()/ClassLabel column
-    num_decision_classes: int = 4  # labels must lie in 0..num_decision_classes-1
+    num_decision_classes: int = NUM_DECISION_CLASSES  # labels must lie in 0..num_decision_classes-1
 
     def __post_init__(self) -> None:
         # messages start with the field name: the manifest prefixes them with "FILE: sources[i]."
@@ -128,7 +130,7 @@ class Skipped:
 def infer_format(path: Path) -> str:
     """Format of one input by its name: ``a.jsonl.zst`` -> ``"jsonl.zst"``; a save_to_disk folder -> ``"hf"``."""
     if path.is_dir():
-        if any((path / m).exists() for m in _HF_MARKERS):
+        if _is_hf_folder(path):
             return "hf"
         raise SourceError(f"{path}: a folder that is not a `datasets` save_to_disk folder "
                           f"(no {' or '.join(_HF_MARKERS)})", path=str(path), reason="unknown_format")
@@ -307,8 +309,20 @@ def _check_columns(cfg: SourceConfig, f: Path, names: list[str]) -> None:
 
 
 def _load_hf(f: Path):
+    """The dataset in a save_to_disk folder, loaded once per process while the folder is unchanged
+    (its Arrow files are memory-mapped, so keeping it costs no copy)."""
+    try:  # a re-save rewrites the folder and its state files: that changes the key
+        key = tuple(p.stat().st_mtime_ns for p in (f, *(f / m for m in _HF_MARKERS)) if p.exists())
+    except OSError:
+        key = ()
+    return _load_hf_cached(str(f), key)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hf_cached(folder: str, key: tuple):
     import datasets
 
+    f = Path(folder)
     try:
         ds = datasets.load_from_disk(str(f))
     except Exception as e:
