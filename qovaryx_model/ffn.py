@@ -140,7 +140,7 @@ def unpack_ternary(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor
 class LowRankLinear(nn.Module):
     """W (out x in) factorized as B (out x r) @ A (r x in): two bias-free Linears."""
 
-    def __init__(self, d_in: int, d_out: int, rank: int, bias: bool = False):
+    def __init__(self, d_in: int, d_out: int, rank: int):
         super().__init__()
         self.a = nn.Linear(d_in, rank, bias=False)
         self.b = nn.Linear(rank, d_out, bias=False)
@@ -151,6 +151,7 @@ class LowRankLinear(nn.Module):
 
 class LowRankSwiGLU(SwiGLU):
     def __init__(self, d_model: int, d_ff: int, rank: int):
+        # SwiGLU asks its `linear` for bias=False projections; LowRankLinear has no bias at all
         super().__init__(d_model, d_ff, linear=lambda i, o, bias: LowRankLinear(i, o, rank))
 
 

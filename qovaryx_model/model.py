@@ -487,8 +487,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             x = depth.combine(h[:, :L], self.model.embed_tokens(input_ids[:, k:]))  # (B, L, d)
             rope = (cos[:, :, t.n_prefix:t.n_prefix + L], sin[:, :, t.n_prefix:t.n_prefix + L])
             mask = t.mask.truncate(t.n_prefix, L)
-            if mask.dense is None and not mask.is_causal:  # cannot happen without a cache, keep it causal
-                mask.is_causal = True
+            assert mask.dense is not None or mask.is_causal, "build_mask masks every forward of more than one token"
             h, _ = self.model.run_block(depth.block, x, rope, mask)  # (B, L, d); MTP router stats unused
             logits = self.lm_head(depth.norm(h))  # (B, L, V): position i predicts t_{i+k+1}
             tgt = self._targets(labels, t.docs, k + 1)[:, :L]  # the last position's target is past the end
