@@ -14,6 +14,7 @@ import functools
 import io
 import math
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -192,10 +193,67 @@ def _convert(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def load_image(value: bytes | bytearray | memoryview | str | os.PathLike, *, root: Path,
-               spec: ImageSpec, where: str, source: str | None = None,
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file's bytes, read once by `read_image_file` (hash them, decode them)."""
+
+    name: str        # the path as the row gave it (for messages)
+    path: str        # the file read: symlinks resolved, inside the source's folder
+    data: bytes      # its whole content
+    size: int        # st_size and st_mtime_ns of the opened file, taken before reading it
+    mtime_ns: int
+
+
+def read_image_file(value: str | os.PathLike, *, root: Path, where: str,
+                    source: str | None = None, row: int | None = None) -> ImageFile:
+    """Read the image file named by `value` (a path relative to `root`) once, after refusing an
+    empty path (``missing_image``), one that resolves outside `root`, symlinks included
+    (``path_escape``), and one that is missing or not a regular file (``missing_image``).
+    Nothing is decoded here: pass the result to `load_image` (the header's size is checked
+    there, before decoding).
+    """
+    err = {"path": source, "row": row}
+    value = os.fspath(value)
+    if not value:
+        raise ImageError(f"{where}: empty image path", reason="missing_image", **err)
+    target = _resolve_inside(value, root, where, err)
+
+    def missing() -> ImageError:
+        state = "is not a file" if os.path.exists(target) else "does not exist"
+        return ImageError(f"{where}: image file {value!r} ({target}) {state}; fix the path "
+                          "(relative to the source file's folder) or remove the image field",
+                          reason="missing_image", **err)
+
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:   # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
+        fd = os.open(target, flags)
+    except OSError as e:
+        if not os.path.isfile(target):
+            raise missing() from e
+        raise _unreadable(f"{where}: image file {value!r}", e, err) from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise missing()
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read()
+        except OSError as e:
+            raise _unreadable(f"{where}: image file {value!r}", e, err) from e
+    return ImageFile(value, target, data, st.st_size, st.st_mtime_ns)
+
+
+def _unreadable(what: str, e: BaseException, err: dict) -> ImageError:
+    return ImageError(f"{what} is corrupt or truncated and cannot be decoded "
+                      f"({type(e).__name__}: {e}); replace the file or remove the row",
+                      reason="corrupt_image", **err)
+
+
+def load_image(value: bytes | bytearray | memoryview | str | os.PathLike | ImageFile, *,
+               root: Path, spec: ImageSpec, where: str, source: str | None = None,
                row: int | None = None) -> np.ndarray:
-    """Decode one image (encoded bytes, or a path relative to `root`) to uint8 ``spec.shape``.
+    """Decode one image (encoded bytes, a path relative to `root`, or an `ImageFile` already
+    read) to uint8 ``spec.shape``. A path is read with `read_image_file` (its checks apply).
 
     `where` locates the row in messages (e.g. ``"data/x.jsonl row 17"``); `source` and `row`
     become the raised ImageError's ``.path``/``.row`` (so a skip can be listed). Reasons:
@@ -206,21 +264,14 @@ def load_image(value: bytes | bytearray | memoryview | str | os.PathLike, *, roo
         (2, 3, 1)
     """
     err = {"path": source, "row": row}
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        fp: Any = io.BytesIO(bytes(value))
+    if isinstance(value, (str, os.PathLike)):
+        value = read_image_file(value, root=root, where=where, source=source, row=row)
+    if isinstance(value, ImageFile):
+        fp: Any = io.BytesIO(value.data)
+        what = f"image file {value.name!r}"
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        fp = io.BytesIO(bytes(value))
         what = f"image bytes ({len(value)} B)"
-    elif isinstance(value, (str, os.PathLike)):
-        value = os.fspath(value)
-        if not value:
-            raise ImageError(f"{where}: empty image path", reason="missing_image", **err)
-        target = _resolve_inside(value, root, where, err)
-        if not os.path.isfile(target):
-            state = "is not a file" if os.path.exists(target) else "does not exist"
-            raise ImageError(f"{where}: image file {value!r} ({target}) {state}; fix the path "
-                             "(relative to the source file's folder) or remove the image field",
-                             reason="missing_image", **err)
-        fp = target
-        what = f"image file {value!r}"
     else:
         raise ImageError(f"{where}: image field must be a path string or encoded bytes, "
                          f"got {type(value).__name__}", reason="corrupt_image", **err)
@@ -253,9 +304,7 @@ def load_image(value: bytes | bytearray | memoryview | str | os.PathLike, *, roo
                              f"({', '.join(_open_formats())}), or its header is corrupt; convert it "
                              "or remove the row", reason="corrupt_image", **err) from e
         except _DECODE_ERRORS as e:
-            raise ImageError(f"{where}: {what} is corrupt or truncated and cannot be decoded "
-                             f"({type(e).__name__}: {e}); replace the file or remove the row",
-                             reason="corrupt_image", **err) from e
+            raise _unreadable(f"{where}: {what}", e, err) from e
     if arr.ndim == 2:
         arr = arr[:, :, None]
     assert arr.shape == spec.shape, (arr.shape, spec.shape)

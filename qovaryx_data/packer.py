@@ -23,6 +23,7 @@ earlier pack unless forced.
 from __future__ import annotations
 
 import fcntl
+import functools
 import io
 import json
 import multiprocessing as mp
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from qovaryx_data.errors import ManifestError, QovaryxDataError, SourceError
+from qovaryx_data.errors import ImageError, ManifestError, QovaryxDataError, SourceError
 from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_SIZE, META_FORMAT_KEY,
                                  META_FORMAT_VALUE, META_VERSION_KEY, dtype_name, pack_header,
                                  padded, token_dtype)
@@ -590,10 +591,8 @@ def _tokenize_unit(k: int, unit) -> dict:
             continue
         pixels = digest = None
         if item.image is not None:
-            if isinstance(item.image, str) and item.image:
-                part.note_image_file(_image_file(item))   # stat before reading: see IMAGE_FILES
             try:
-                pixels, digest = _load_image(item, s.image_spec)
+                pixels, digest = _load_image(item, s.image_spec, part.note_image_file)
             except SourceError as e:
                 if s.on_error != "skip":
                     raise
@@ -626,9 +625,10 @@ class _UnitPart:
                                                        "position", "has_image")}
         self.val_cut = int(settings.validation * 2 ** 64)
 
-    def note_image_file(self, path: str) -> None:
+    def note_image_file(self, path: str, stat_pair: tuple[int, int] | None = None) -> None:
+        """Record an image file's (size, mtime_ns), taken before it was read (or stat it now)."""
         if path not in self.image_files:
-            self.image_files[path] = [path, *_stat_pair(path)]
+            self.image_files[path] = [path, *(stat_pair or _stat_pair(path))]
 
     def record(self, path, row, reason, message) -> None:
         self.skipped[reason] += 1
@@ -719,12 +719,12 @@ def _bad_position_message(r, n_text: int) -> str:
 
 def _image_root(row) -> Path:
     """Image paths are relative to the source file's folder (an hf source: the folder itself)."""
-    return Path(row.path).parent if Path(row.path).is_file() else Path(row.path)
+    return _image_root_of(row.path)
 
 
-def _image_file(row) -> str:
-    """The file an image path of `row` reads (symlinks resolved, as images.load_image does)."""
-    return os.path.realpath(os.path.join(_image_root(row), row.image))
+@functools.lru_cache(maxsize=256)
+def _image_root_of(path: str) -> Path:
+    return Path(path).parent if Path(path).is_file() else Path(path)
 
 
 def _stat_pair(path: str) -> tuple[int, int]:
@@ -767,21 +767,27 @@ def _drop_parts_with_changed_images(work: Path) -> None:
             part.with_suffix(".pix").unlink(missing_ok=True)
 
 
-def _load_image(row, spec) -> tuple[np.ndarray, bytes]:
+def _load_image(row, spec, note_file) -> tuple[np.ndarray, bytes]:
     """The row's decoded pixels, and the xxh3-128 digest of its source image: the encoded bytes
-    as given, or the file's bytes for a path (the same digest either way)."""
-    from qovaryx_data.images import load_image
+    as given, or the file's bytes for a path (the same digest either way). A file is read once
+    and `note_file(path, (size, mtime_ns))` records it (see IMAGE_FILES), even when it is
+    missing, outside the source's folder or not a file (size -1 when absent)."""
+    from qovaryx_data.images import ImageFile, load_image, read_image_file
 
     root = _image_root(row)
-    pixels = load_image(row.image, root=root, spec=spec, where=f"{row.path} row {row.row}",
-                        source=row.path, row=row.row)
-    if isinstance(row.image, str):
-        h = xxhash.xxh3_128()
-        with open(os.path.join(root, row.image), "rb") as f:   # load_image checked the path
-            while block := f.read(1 << 20):
-                h.update(block)
-        return pixels, h.digest()
-    return pixels, xxhash.xxh3_128_digest(bytes(row.image))
+    where = f"{row.path} row {row.row}"
+    value = row.image
+    if isinstance(value, str):
+        try:
+            value = read_image_file(value, root=root, where=where, source=row.path, row=row.row)
+        except ImageError:
+            if row.image:
+                note_file(os.path.realpath(os.path.join(root, row.image)))
+            raise
+        note_file(value.path, (value.size, value.mtime_ns))
+    pixels = load_image(value, root=root, spec=spec, where=where, source=row.path, row=row.row)
+    return pixels, xxhash.xxh3_128_digest(value.data if isinstance(value, ImageFile)
+                                          else bytes(value))
 
 
 def _write_part(path: Path, arrays: dict) -> None:
