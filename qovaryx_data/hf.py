@@ -41,13 +41,9 @@ ROWS_PER_SHARD = 8192     # IterableDataset shard size (row ranges), for DataLoa
 
 
 def _has_decisions(ds: Any) -> bool:
-    """Does the dataset carry decision labels? (dataset.json says so; a scan for older files)."""
-    if ds.decision_names:
-        return True
-    info = ds.info or {}
-    if "decision" in info:                 # {"num_classes", "labels"} when a source has labels
-        return info["decision"] is not None
-    return any(ds[int(i)].decision is not None for i in ds.multimodal_doc_indices)
+    """Does the dataset carry decision labels? dataset.json's ``decision`` says so: the packer
+    always writes it ({"num_classes", "labels"} when a source has labels, else null)."""
+    return ds.info.get("decision") is not None
 
 
 def hf_features(ds: Any) -> datasets.Features:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from qovaryx_data.errors import FormatError, IntegrityError, TokenizerError
+from qovaryx_data.errors import FormatError, TokenizerError
 from qovaryx_data.format import (HEADER_SIZE, META_FORMAT_KEY, META_FORMAT_VALUE, META_VERSION_KEY,
                                  FORMAT_MAJOR, read_header)
 from qovaryx_data.manifest import DATASET_JSON, NUM_DECISION_CLASSES, read_dataset_json
@@ -383,13 +383,6 @@ def verify(path: str | os.PathLike) -> VerifyResult:
             elif got["xxh3_128"] != want["xxh3_128"]:
                 bad.append((str(p), f"xxh3-128 {got['xxh3_128']}, expected {want['xxh3_128']}"))
     return VerifyResult(Path(path), checked, bad)
-
-
-def check_verified(path: str | os.PathLike) -> None:
-    """verify(), raising IntegrityError naming the bad files."""
-    r = verify(path)
-    if not r.ok:
-        raise IntegrityError("; ".join(f"{f}: {why}" for f, why in r.bad))
 
 
 # ============================================================================ inspect
