@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import click
 
+from .config import PRESETS
+
 
 @click.group()
 def main() -> None:
@@ -13,7 +15,7 @@ def main() -> None:
 
 
 @main.command("init")
-@click.option("--preset", required=True, type=click.Choice(["debug", "50m", "350m", "1b"]), help="model size (card shapes)")
+@click.option("--preset", required=True, type=click.Choice(list(PRESETS)), help="model size (card shapes)")
 @click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="tokenizer folder written by `qovaryx-data train-bpe`")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="new folder to write (must not exist or be empty)")
@@ -25,9 +27,7 @@ def init(preset: str, tokenizer_dir: str, out: str, dtype: str, seed: int, overr
     """Write a random-init scratch-base folder loadable with AutoModelForCausalLM (trust_remote_code=True)."""
     import json
 
-    from .hf import init_scratch_base, read_config
-    from .model import parameter_counts
-    from .config import QovaryxConfig
+    from .hf import _write_scratch_base
 
     kw = {}
     for item in overrides:
@@ -39,11 +39,10 @@ def init(preset: str, tokenizer_dir: str, out: str, dtype: str, seed: int, overr
         except json.JSONDecodeError:
             kw[key] = value  # a bare string such as ternary_swiglu
     try:
-        path = init_scratch_base(preset, tokenizer_dir, out, dtype=dtype, seed=seed, **kw)
+        path, cfg, counts = _write_scratch_base(preset, tokenizer_dir, out, dtype=dtype, seed=seed, **kw)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
-    cfg = QovaryxConfig.from_dict(read_config(path))
-    click.echo(f"wrote {path} ({parameter_counts(cfg)['total']:,} parameters, vocab {cfg.vocab_size}, {dtype})")
+    click.echo(f"wrote {path} ({counts['total']:,} parameters, vocab {cfg.vocab_size}, {dtype})")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ installed. Weights are safetensors only; nothing here unpickles.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -103,6 +102,12 @@ def export_pretrained(model: QovaryxForCausalLM, out: str | os.PathLike, tokeniz
 def init_scratch_base(preset: str, tokenizer_dir: str | os.PathLike, out: str | os.PathLike,
                       dtype: str = "fp32", seed: int = 0, **overrides) -> Path:
     """`qovaryx-train init`: a random-init model of `preset` sized to the tokenizer, exported to `out`."""
+    return _write_scratch_base(preset, tokenizer_dir, out, dtype, seed, **overrides)[0]
+
+
+def _write_scratch_base(preset, tokenizer_dir, out, dtype="fp32", seed=0,
+                        **overrides) -> tuple[Path, QovaryxConfig, dict[str, int]]:
+    """`init_scratch_base`, also returning the config and its `parameter_counts` (for the CLI's summary)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     tok = load_tokenizer(tokenizer_dir)
@@ -111,11 +116,15 @@ def init_scratch_base(preset: str, tokenizer_dir: str | os.PathLike, out: str | 
     cfg = QovaryxConfig.from_preset(preset, vocab_size=len(tok), **special, **overrides)
     torch.manual_seed(seed)
     model = QovaryxForCausalLM(cfg).to(DTYPES[dtype])
-    return export_pretrained(model, out, tokenizer=tokenizer_dir, readme=model_card(cfg, preset=preset, dtype=dtype))
-
-
-def model_card(cfg: QovaryxConfig, preset: str | None = None, dtype: str | None = None) -> str:
     counts = parameter_counts(cfg)
+    readme = model_card(cfg, preset=preset, dtype=dtype, counts=counts)
+    return export_pretrained(model, out, tokenizer=tokenizer_dir, readme=readme), cfg, counts
+
+
+def model_card(cfg: QovaryxConfig, preset: str | None = None, dtype: str | None = None,
+               counts: dict[str, int] | None = None) -> str:
+    """README.md of an exported folder; `counts` is `parameter_counts(cfg)` when the caller has it."""
+    counts = counts if counts is not None else parameter_counts(cfg)
     name = f"qovaryx-{preset}-scratch-base" if preset else "qovaryx"
     return f"""---
 license: apache-2.0
@@ -201,7 +210,3 @@ def load_ternary_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         elif not k.endswith((".scale", ".shape")):
             out[k] = v
     return out
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
