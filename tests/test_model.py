@@ -324,6 +324,46 @@ def test_ternary_file_version_is_checked(tmp_path):
         load_ternary_packed(p)
 
 
+def effective_matrix(proj, d_in: int) -> torch.Tensor:
+    """The (d_out, d_in) matrix of a bias-free linear map, read off its outputs on the unit vectors
+    (so the check does not depend on how the projection stores its weights)."""
+    with torch.no_grad():
+        return proj(torch.eye(d_in)).T
+
+
+@pytest.mark.parametrize("kind", ["lowrank_swiglu", "routed_lowrank_swiglu"])
+def test_lowrank_projections_are_factorized_through_ffn_rank(kind):
+    torch.manual_seed(0)
+    cfg = debug(ffn_kind=kind, mtp_k=1)  # d 64, d_ff 176, rank 16
+    d, ff, r, E = cfg.d_model, cfg.d_ff, cfg.ffn_rank, cfg.ffn_experts
+    model = QovaryxForCausalLM(cfg)
+    routed = kind.startswith("routed")
+    lowrank = 3 * r * (d + ff)  # B (out x r) and A (r x in) for gate, up, down (dense: 3 * d * ff = 33,792)
+    per_layer = E * lowrank + d * E if routed else lowrank  # closed forms of docs/MODEL.md
+    for layer in model.model.layers:
+        assert sum(p.numel() for p in layer.mlp.parameters()) == per_layer
+    hd = d // cfg.n_head
+    block = 2 * d * d + 2 * d * cfg.n_kv_head * hd + per_layer + 2 * d
+    assert parameter_counts(cfg)["trunk_blocks"] == cfg.n_layer * block
+
+    ffns = model.model.layers[0].mlp.experts if routed else [model.model.layers[0].mlp]
+    for ffn in ffns:
+        for name, d_in, d_out in [("gate_proj", d, ff), ("up_proj", d, ff), ("down_proj", ff, d)]:
+            w = effective_matrix(getattr(ffn, name), d_in)
+            assert w.shape == (d_out, d_in)
+            # rank exactly r: factorized through r (a dense map has rank min(d_in, d_out) = 64), and
+            # the random factors are generic, so the rank is not lower either
+            assert torch.linalg.matrix_rank(w).item() == r, name
+        # the FFN is SwiGLU over these three maps
+        x = torch.randn(3, d)
+        gate, up, down = (effective_matrix(getattr(ffn, n), i) for n, i in
+                          [("gate_proj", d), ("up_proj", d), ("down_proj", ff)])
+        with torch.no_grad():
+            got, _ = ffn(x[None])
+        torch.testing.assert_close(got[0], F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down),
+                                   atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_moe_aux_loss_is_minimal_for_uniform_router(top_k):
     torch.manual_seed(0)
