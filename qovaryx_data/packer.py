@@ -47,10 +47,10 @@ from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_SIZE, META_
                                  padded, token_dtype)
 from qovaryx_data.manifest import (DATASET_JSON, NUM_DECISION_CLASSES, PackManifest, load_manifest,
                                    read_dataset_json, write_dataset_json, write_json_atomic)
+from qovaryx_data.tokenizer import EOS_TOKEN, load_tokenizer, special_token_ids, tokenizer_hash
 
 PACK_CODE_VERSION = 2          # bump when the packer's output for the same inputs changes
 SKIP_SAMPLE_LIMIT = 100        # (file, row, reason) examples kept in dataset.json
-EOS_TOKEN = "<|endoftext|>"
 WORK_DIR = ".work"
 LOCK_FILE = ".pack.lock"
 IMAGE_FILES = "image_files.json"    # (path, size, mtime_ns) of every image file a pack read
@@ -229,8 +229,6 @@ def _is_complete(folder: Path, fingerprint: str) -> bool:
 
 def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
                  t0: float) -> PackResult:
-    from qovaryx_data.tokenizer import load_tokenizer, tokenizer_hash
-
     tok = load_tokenizer(m.tokenizer)
     tok_hash = tokenizer_hash(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -315,7 +313,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
         "created_by": f"qovaryx {_version()} (pack code {PACK_CODE_VERSION})",
         "name": m.name,
         "tokenizer": {"path": "tokenizer", "hash": tok_hash, "vocab_size": vocab_size,
-                      "special_tokens": _special_ids(tok)},
+                      "special_tokens": special_token_ids(tok)},
         "dtype": dtype_name(dtype),
         "separator": {"policy": m.separator, "eos_id": eos_id},
         "images": ({"shape": list(image_spec.shape), **image_spec.to_dict()}
@@ -359,11 +357,6 @@ def _version() -> str:
     from qovaryx_data import __version__
 
     return __version__
-
-
-def _special_ids(tok) -> dict[str, int]:
-    added = tok.get_added_tokens_decoder()
-    return {added[i].content: int(i) for i in sorted(added) if added[i].special}
 
 
 def _check_decision_labels(m: PackManifest, configs) -> None:
@@ -540,8 +533,6 @@ def _init_worker(settings: _Settings, in_process: bool = False) -> None:
     if not in_process:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
         _die_with_parent()
-    from qovaryx_data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(settings.tokenizer_dir)
     tok.encode_special_tokens = True   # "<|endoftext|>" inside a document is text, not a separator
     _W.clear()

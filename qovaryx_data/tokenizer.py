@@ -305,7 +305,7 @@ def _check_out_dir(out: Path, cfg: BpeConfig, force: bool) -> str | None:
     except TokenizerError as e:
         raise TokenizerError(f"--out {out} holds a tokenizer that cannot be read ({e}); "
                              f"pass --force to replace it or choose another --out") from None
-    old_special = _special_tokens(old)
+    old_special = list(special_token_ids(old))
     old_size = old.get_vocab_size(with_added_tokens=True)
     if old_special != list(cfg.all_special_tokens) or \
             (old_size != cfg.vocab_size and not cfg.allow_smaller_vocab):
@@ -323,17 +323,7 @@ def load_tokenizer(path: str | os.PathLike):
     When the folder has qovaryx_tokenizer.json, its format version is checked and its recorded
     hash must match tokenizer.json (a hand-edited or mixed-up folder is refused).
     """
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / TOKENIZER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise TokenizerError(f"{file}: no such tokenizer file; train one with `qovaryx-data "
-                             f"train-bpe INPUT... --out {path}`")
-    try:
-        tok = Tokenizer.from_file(str(file))
-    except Exception as e:  # the Rust loader raises plain Exception on any parse problem
-        raise TokenizerError(f"{file}: not a valid tokenizers JSON file ({e})") from None
+    file, tok = _read_tokenizer_file(path)
     meta_file = file.parent / META_FILE
     if meta_file.is_file():
         meta = read_meta(meta_file.parent)
@@ -347,6 +337,22 @@ def load_tokenizer(path: str | os.PathLike):
             raise TokenizerError(f"{file} does not match {meta_file}: hash {got[:16]} != recorded "
                                  f"{str(meta.get('hash'))[:16]}; {why}")
     return tok
+
+
+def _read_tokenizer_file(path: str | os.PathLike):
+    """(tokenizer.json path, tokenizers.Tokenizer) of a folder or a tokenizer.json file; nothing
+    else is checked (load_tokenizer checks the folder's qovaryx_tokenizer.json)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise TokenizerError(f"{file}: no such tokenizer file; train one with `qovaryx-data "
+                             f"train-bpe INPUT... --out {path}`")
+    try:
+        return file, Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust loader raises plain Exception on any parse problem
+        raise TokenizerError(f"{file}: not a valid tokenizers JSON file ({e})") from None
 
 
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
@@ -417,22 +423,19 @@ def _as_tokenizer(obj: Any):
     if isinstance(backend, Tokenizer):
         return backend
     if isinstance(obj, (str, os.PathLike)):
-        path = Path(obj)
-        file = path / TOKENIZER_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise TokenizerError(f"{file}: no such tokenizer file")
-        try:
-            return Tokenizer.from_file(str(file))
-        except Exception as e:
-            raise TokenizerError(f"{file}: not a valid tokenizers JSON file ({e})") from None
+        return _read_tokenizer_file(obj)[1]
     raise TypeError(f"tokenizer_hash: expected a tokenizers.Tokenizer, a transformers fast "
                     f"tokenizer or a path, got {type(obj).__name__}")
 
 
-def _special_tokens(tok) -> list[str]:
-    """Special added tokens of `tok` in id order."""
+def special_token_ids(tok) -> dict[str, int]:
+    """The special added tokens of a `tokenizers.Tokenizer`, token -> id, in id order.
+
+        >>> special_token_ids(load_tokenizer("tok"))      # doctest: +SKIP
+        {'<|endoftext|>': 0, '<|pad|>': 1, ...}
+    """
     added = tok.get_added_tokens_decoder()
-    return [added[i].content for i in sorted(added) if added[i].special]
+    return {added[i].content: int(i) for i in sorted(added) if added[i].special}
 
 
 # ---------------------------------------------------------------- small helpers
