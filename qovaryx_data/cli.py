@@ -1,6 +1,7 @@
 """`qovaryx-data`: a thin CLI. Each command parses its options and calls one typed library function.
 
-Library modules are imported inside the commands so `qovaryx-data --help` stays fast and light.
+Heavy library modules are imported inside the commands so `qovaryx-data --help` stays fast and
+light; the option choices and defaults come from modules that import nothing heavy.
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import sys
 import click
 
 from qovaryx_data.errors import QovaryxDataError
+# light (no numpy, torch, datasets, pyarrow or tokenizers at import): the options' choices/defaults
+from qovaryx_data.sources import FORMATS, SPLITS
+from qovaryx_data.tokenizer import DEFAULT_MIN_FREQUENCY, DEFAULT_VOCAB_SIZE, ERRORS
 
 
 class _Group(click.Group):
@@ -30,35 +34,30 @@ def main() -> None:
 
 # ---- train-bpe (qovaryx_data.tokenizer) ----
 
-# Literal copies (checked equal by tests/test_tokenizer.py) so that `--help` imports nothing heavy.
-_BPE_FORMATS = ("text", "jsonl", "jsonl.zst", "parquet", "hf")   # qovaryx_data.sources.FORMATS
-_BPE_DEFAULT_VOCAB = 20242                                       # tokenizer.DEFAULT_VOCAB_SIZE
-_BPE_DEFAULT_MIN_FREQ = 2                                        # tokenizer.DEFAULT_MIN_FREQUENCY
-
 
 @main.command("train-bpe")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--out", required=True, type=click.Path(),
               help="Folder to write tokenizer.json, tokenizer_config.json and "
                    "qovaryx_tokenizer.json to (created if missing).")
-@click.option("--vocab-size", type=int, default=_BPE_DEFAULT_VOCAB, show_default=True,
+@click.option("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, show_default=True,
               help="Total vocabulary entries, the 256 byte symbols and all special tokens included.")
-@click.option("--min-frequency", type=int, default=_BPE_DEFAULT_MIN_FREQ, show_default=True,
+@click.option("--min-frequency", type=int, default=DEFAULT_MIN_FREQUENCY, show_default=True,
               help="Fewest occurrences a pair needs to be merged. Lower it (1 is the lowest) when "
                    "a small corpus cannot reach --vocab-size.")
 @click.option("--text-field", default="text", show_default=True,
               help="Field (.jsonl, .jsonl.zst) or column (.parquet, datasets folder) holding the text.")
-@click.option("--split", type=click.Choice(["file", "line", "paragraph"]), default="file",
+@click.option("--split", type=click.Choice(SPLITS), default="file",
               show_default=True,
               help="How .txt inputs are cut into documents: one per file, per line, or per "
                    "blank-line-separated paragraph.")
-@click.option("--format", "fmt", type=click.Choice(_BPE_FORMATS), default=None,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Input format for all INPUTs; by default inferred from each file's extension "
                    "(.txt, .jsonl, .jsonl.zst, .parquet; a `save_to_disk` folder is 'hf').")
 @click.option("--special-token", "special_tokens", multiple=True, metavar="TOKEN",
               help="An extra special token, given after the 8 fixed ones (ids 0-7: <|endoftext|>, "
                    "<|pad|>, ...); repeat for several. They count towards --vocab-size.")
-@click.option("--errors", type=click.Choice(["strict", "replace"]), default="strict",
+@click.option("--errors", type=click.Choice(ERRORS), default="strict",
               show_default=True,
               help="Invalid UTF-8 in an input: 'strict' stops with an error naming the file, "
                    "'replace' substitutes U+FFFD.")

@@ -355,14 +355,6 @@ def test_cli_default_output_and_help():
     assert "20242" in r.output
 
 
-def test_cli_constants_match_library():
-    from qovaryx_data import cli, sources
-
-    assert cli._BPE_FORMATS == sources.FORMATS
-    assert cli._BPE_DEFAULT_VOCAB == T.DEFAULT_VOCAB_SIZE
-    assert cli._BPE_DEFAULT_MIN_FREQ == T.DEFAULT_MIN_FREQUENCY
-
-
 def test_cli_imports_nothing_heavy(kjv_lines, tmp_path):
     code = textwrap.dedent(f"""
         import sys
