@@ -5,6 +5,7 @@ light; the option choices and defaults come from modules that import nothing hea
 """
 from __future__ import annotations
 
+import itertools
 import sys
 
 import click
@@ -198,15 +199,15 @@ def _write_contact_sheet(path, out, n: int = 16) -> None:
     from qovaryx_data.reader import PackedDataset, dataset_folders
 
     ds = PackedDataset(dataset_folders(path)[0])
-    rows = [int(i) for i in ds.multimodal_doc_indices if ds[int(i)].image is not None][:n]
-    if not rows:
+    mm = ds.multimodal_doc_indices
+    docs = list(itertools.islice((d for d in (ds[int(i)] for i in mm) if d.image is not None), n))
+    if not docs:
         raise QovaryxDataError(f"{ds.path}: no row of this dataset has an image ({len(ds):,} rows, "
-                               f"{len(ds.multimodal_doc_indices):,} with a decision label), so "
+                               f"{len(mm):,} with a decision label), so "
                                f"--images has nothing to draw; leave the option out")
     names = ds.decision_names
     images, labels = [], []
-    for i in rows:
-        d = ds[i]
+    for d in docs:
         images.append(d.image)
         labels.append(None if d.decision is None
                       else (names[d.decision] if names and d.decision < len(names) else str(d.decision)))
