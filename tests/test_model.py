@@ -81,6 +81,63 @@ def test_unknown_preset():
 
 
 # ---------------------------------------------------------------------------------------------
+# initialization (docs/MODEL.md): Xavier uniform for Linear/Conv2d, Xavier normal for the embedding
+# ---------------------------------------------------------------------------------------------
+def fans(module) -> tuple[int, int]:
+    if isinstance(module, torch.nn.Conv2d):
+        k = module.kernel_size[0] * module.kernel_size[1]
+        return module.in_channels * k, module.out_channels * k
+    return module.in_features, module.out_features
+
+
+def xavier_uniform_misfits(model, gain: float) -> dict[str, str]:
+    """Linear/Conv2d weights that do not look like U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)):
+    std a / sqrt(3) within 4 standard errors (the std of n uniform draws has relative s.e. ~0.45/sqrt(n)),
+    and max|w| in (0.9 a, a]."""
+    bad = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            fan_in, fan_out = fans(m)
+            w = m.weight.detach()
+            a = gain * math.sqrt(6.0 / (fan_in + fan_out))
+            rel = w.std().item() / (a / math.sqrt(3)) - 1
+            peak = w.abs().max().item()
+            if abs(rel) > 4 * 0.45 / math.sqrt(w.numel()) or not 0.9 * a < peak <= a * (1 + 1e-6):
+                bad[name] = f"std off by {rel:+.1%}, max|w| = {peak / a:.2f} a"
+    return bad
+
+
+@pytest.mark.parametrize("gain", [1.0, 0.5])
+def test_fresh_model_follows_the_documented_init(gain):
+    torch.manual_seed(0)
+    cfg = debug(initializer_gain=gain, decision_head_enabled=True, chart_patch_encoder_enabled=True)
+    model = QovaryxForCausalLM(cfg)
+    names = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert {"lm_head", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj", "mtp.0.proj",
+            "decision_head.proj", "model.patch_encoder.conv"} <= names  # every kind of layer is checked
+    assert xavier_uniform_misfits(model, gain) == {}
+    assert (model.decision_head.proj.bias == 0).all() and (model.model.patch_encoder.conv.bias == 0).all()
+
+    emb = model.model.embed_tokens.weight.detach()  # Xavier normal: N(0, gain^2 * 2 / (V + d))
+    std = gain * math.sqrt(2.0 / (cfg.vocab_size + cfg.d_model))
+    assert abs(emb.std().item() / std - 1) < 4 / math.sqrt(2 * emb.numel())  # s.e. of a normal's std
+    assert abs(emb.mean().item()) < 4 * std / math.sqrt(emb.numel())
+    assert emb.abs().max().item() > math.sqrt(3) * std * 1.5  # normal tails, not a uniform's bounded range
+    pos = model.model.patch_encoder.pos.detach()  # N(0, 0.02)
+    assert abs(pos.std().item() / 0.02 - 1) < 4 / math.sqrt(2 * pos.numel())
+    norms = [m.weight for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * cfg.n_layer + 1 + 5 * (cfg.mtp_k - 1)  # 2 per block, final, 3 + 2 per MTP depth
+    assert all(bool((w == 1).all()) for w in norms)
+
+    if gain == 1.0:  # the check has teeth: PyTorch's default init (Kaiming uniform) fails it everywhere
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
+                m.reset_parameters()
+        assert set(xavier_uniform_misfits(model, gain)) == names
+        assert abs(model.model.embed_tokens.weight.std().item() / std - 1) > 0.5  # N(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # forward / backward for every backend, heads on and off
 # ---------------------------------------------------------------------------------------------
 def full_batch(cfg: QovaryxConfig, B=2, T=24, seed=0) -> dict:
