@@ -969,8 +969,10 @@ class _DatasetWriter:
         st["documents"] += n
         st["tokens"] += int(lengths.sum())
         st["images"] += int(cols["has_image"].sum())
-        for c in cols["decision"][cols["decision"] >= 0]:
-            st["decisions"][int(c)] += 1
+        dec = cols["decision"]
+        counts = np.bincount(dec[dec >= 0], minlength=NUM_DECISION_CLASSES)
+        assert len(counts) == NUM_DECISION_CLASSES, counts   # labels were checked when read
+        st["decisions"] = [a + int(b) for a, b in zip(st["decisions"], counts)]
         self.n_multimodal += int((cols["has_image"] | (cols["decision"] >= 0)).sum())
 
         i, tok_pos = 0, 0
