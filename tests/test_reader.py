@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from fmnist import load_fashion_mnist, write_png_source
 from qovaryx_data import PackedDataset, verify
+from qovaryx_data.reader import inspect_dataset
 from qovaryx_data.cli import main
 from qovaryx_data.errors import FormatError, TokenizerError
 from qovaryx_data.packer import pack
@@ -230,6 +231,44 @@ def test_inspect_reports_counts_sources_skips_histogram_and_sample(packed, tmp_p
     assert result.exit_code == 0, result.output
     assert "document lengths" in result.stdout and "skipped: none" in result.stdout
     assert "sample #0" in result.stdout and png.stat().st_size > 1000
+
+
+def test_inspect_reports_skipped_rows_by_reason_with_sample_lines(tmp_path, kjv_path,
+                                                                    small_tokenizer):
+    """KJV verses as JSONL rows with five bad rows between them, packed with on_error: skip:
+    inspect (library and CLI, text and --json) counts the skips by reason and lists each row."""
+    verses = kjv_path.read_text(encoding="utf-8").splitlines()[:40]
+    bad = {5: "{not json", 12: json.dumps({"body": "no text field"}),
+           20: json.dumps({"text": 42}), 27: json.dumps({"text": "   "}),
+           33: json.dumps({"title": "still no text"})}           # 1-based line -> bad row
+    lines, it = [], iter(verses)
+    for n in range(1, len(verses) + len(bad) + 1):
+        lines.append(bad[n] if n in bad else json.dumps({"text": next(it)}))
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    m = {"name": "skips", "tokenizer": str(small_tokenizer), "output": "out", "on_error": "skip",
+         "sources": [{"path": "rows.jsonl"}]}
+    (tmp_path / "pack.yaml").write_text(yaml.safe_dump(m))
+    pack(tmp_path / "pack.yaml", workers=1, progress=False)
+    want = {"empty": 1, "malformed_json": 1, "missing_field": 2, "non_string_text": 1}
+    reasons = {5: "malformed_json", 12: "missing_field", 20: "non_string_text", 27: "empty",
+               33: "missing_field"}
+
+    r = inspect_dataset(tmp_path / "out")["dataset"]
+    assert r["documents"] == len(verses) and r["skipped"] == want
+    assert [(Path(s["path"]).name, s["row"], s["reason"]) for s in r["skipped_sample"]] == [
+        ("rows.jsonl", n, reasons[n]) for n in sorted(bad)]
+    assert all(s["message"] for s in r["skipped_sample"])
+
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert ("skipped: empty 1, malformed_json 1, missing_field 2, non_string_text 1"
+            in result.stdout)
+    for n in sorted(bad):
+        assert f"rows.jsonl row {n}: {reasons[n]}\n" in result.stdout, n
+    assert "skipped: none" not in result.stdout
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["dataset"]["skipped"] == want
 
 
 def test_metadata_is_arrow_with_nulls_and_read_without_copy(packed):
