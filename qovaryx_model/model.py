@@ -421,9 +421,9 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             terms.append((1.0, out.lm_loss))
             if len(self.mtp) and T > 2:
                 losses, has_targets = self._mtp_losses(t, input_ids, labels)
-                out.mtp_losses = torch.stack(losses)  # (K-1,), 0 for a depth without any valid target
-                kept = [l for l, h in zip(losses, has_targets) if h]  # e.g. documents shorter than k + 2
-                out.mtp_loss = torch.stack(kept).mean() if kept else out.mtp_losses.sum() * 0.0
+                out.mtp_losses = torch.stack(losses)  # (K-1,), exactly 0 for a depth without any valid target
+                # mean over the depths with targets (not e.g. documents shorter than k + 2); the others add 0
+                out.mtp_loss = out.mtp_losses.sum() / torch.stack(has_targets).sum().clamp(min=1)
                 terms.append((cfg.mtp_weight, out.mtp_loss))
             if t.router:
                 out.moe_aux_loss = torch.stack([r["aux_loss"] for r in t.router]).mean()
@@ -452,10 +452,11 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
     # --- losses -----------------------------------------------------------------------------
     @staticmethod
     def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean token cross-entropy in float32; 0 (with a graph) when no target is valid."""
-        if not bool((targets != IGNORE).any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+        """Mean token cross-entropy in float32 over the valid targets; exactly 0 (with a graph) when
+        there is none. A sum divided by the count, so no host sync (`mean` would give NaN for none)."""
+        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                ignore_index=IGNORE, reduction="sum")
+        return total / (targets != IGNORE).sum().clamp(min=1)
 
     @staticmethod
     def _targets(labels: torch.Tensor, docs: torch.Tensor | None, ahead: int) -> torch.Tensor:
@@ -492,7 +493,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             logits = self.lm_head(depth.norm(h))  # (B, L, V): position i predicts t_{i+k+1}
             tgt = self._targets(labels, t.docs, k + 1)[:, :L]  # the last position's target is past the end
             losses.append(self._ce(logits, tgt))
-            has_targets.append(bool((tgt != IGNORE).any()))
+            has_targets.append((tgt != IGNORE).any())  # a tensor: no host sync per depth
         return losses, has_targets
 
     def _decision_loss(self, logits, probs, labels) -> torch.Tensor:

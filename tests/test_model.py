@@ -300,7 +300,10 @@ def test_mtp_loss_averages_only_depths_with_targets():
     docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2]])  # documents of 4, 3, 1 tokens: depth 3 (4 ahead) has no target
     out = model(input_ids=ids, labels=ids, document_ids=docs)
     assert out.mtp_losses[2].item() == 0.0 and (out.mtp_losses[:2] > 0).all()
-    torch.testing.assert_close(out.mtp_loss, out.mtp_losses[:2].mean())
+    assert torch.equal(out.mtp_loss, out.mtp_losses[:2].mean())  # bit for bit, not just close
+    out.loss.backward()  # the depth without targets takes no part in the update: zero gradients
+    assert all(bool((p.grad == 0).all()) for p in model.mtp[2].parameters())
+    assert model.mtp[1].proj.weight.grad.abs().sum() > 0
 
 
 def test_mtp_depth_sees_the_token_k_ahead():
