@@ -63,8 +63,13 @@ class AttnMask:
     flash_ok: bool = False
 
     def truncate(self, start: int, length: int) -> "AttnMask":
-        """The mask for the sub-sequence [start, start + length) of a cache-free forward (MTP depths)."""
-        dense = None if self.dense is None else self.dense[..., start:start + length, start:start + length]
+        """The mask among the queries [start, start + length) alone, for a cache-free forward over them
+        (MTP depths). With a KV cache the dense mask's keys begin with the `past` cached tokens, so the
+        queries' own keys start `past` columns further on."""
+        dense = None
+        if self.dense is not None:
+            k0 = self.dense.shape[-1] - self.dense.shape[-2] + start  # past + start
+            dense = self.dense[..., start:start + length, k0:k0 + length]
         pos = None if self.positions is None else self.positions[:, start:start + length]
         return AttnMask(dense, self.is_causal, pos, self.varlen, self.flash_ok)
 

@@ -306,6 +306,23 @@ def test_mtp_loss_averages_only_depths_with_targets():
     assert model.mtp[1].proj.weight.grad.abs().sum() > 0
 
 
+def test_mtp_depth_stays_causal_after_a_kv_cache():
+    """labels with a cache: the MTP block runs over the new tokens only, and must not see later ones
+    (the trunk mask's keys start with the cached tokens; slicing it as if they did not made it see all)."""
+    torch.manual_seed(0)
+    model = QovaryxForCausalLM(debug(mtp_k=2)).eval()
+    ids = torch.randint(8, V, (1, 20))
+    chunk = ids[:, 12:]
+    labels = torch.full_like(chunk, -100)
+    labels[0, 2] = chunk[0, 2]  # the only MTP target: depth 1 at position 0 (inputs: tokens 0 and 1)
+    later = chunk.clone()
+    later[0, -1] = (later[0, -1] + 1) % V
+    losses = [model(input_ids=c, labels=labels, cache=model(input_ids=ids[:, :12], use_cache=True).cache,
+                    use_cache=True).mtp_losses for c in (chunk, later)]
+    assert losses[0].item() > 0
+    torch.testing.assert_close(losses[0], losses[1])  # the leak changed it by ~0.1
+
+
 def test_mtp_depth_sees_the_token_k_ahead():
     """Depth 1 at position i combines h_i with emb(t_{i+1}) and predicts t_{i+2}: changing t_{i+1}
     changes its loss even with the trunk's contribution fixed."""
