@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -113,11 +114,13 @@ def model_stage(args, tokenizer_dir: Path, datasets: dict[str, Path]) -> None:
     from qovaryx_model.hf import init_scratch_base
 
     out = args.build / f"qovaryx-{args.preset}-scratch-base"
-    if not (out / "config.json").exists():
+    if _export_is_current(out, tokenizer_dir):
+        say("model", f"up to date: {out}")
+    else:
+        if out.exists():
+            shutil.rmtree(out)  # made by an older qovaryx_model or for another tokenizer
         init_scratch_base(args.preset, tokenizer_dir, out)
         say("model", f"wrote a random-init {args.preset} scratch base -> {out}")
-    else:
-        say("model", f"up to date: {out}")
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     tok = AutoTokenizer.from_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
@@ -138,6 +141,19 @@ def model_stage(args, tokenizer_dir: Path, datasets: dict[str, Path]) -> None:
     with torch.no_grad():
         gen = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     say("model", f"greedy sample (noise until trained): {tok.decode(gen[0])!r}")
+
+
+def _export_is_current(out: Path, tokenizer_dir: Path) -> bool:
+    """An exported folder is reused only when its modeling source is the installed package's and its
+    tokenizer is the demo's (both are copied into the folder at export time)."""
+    import qovaryx_model
+
+    if not (out / "config.json").exists():
+        return False
+    pkg = Path(qovaryx_model.__file__).parent
+    pairs = [(out / f, pkg / f) for f in ("config.py", "model.py", "ffn.py", "heads.py")]
+    pairs.append((out / "tokenizer.json", tokenizer_dir / "tokenizer.json"))
+    return all(a.exists() and a.read_bytes() == b.read_bytes() for a, b in pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

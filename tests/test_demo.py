@@ -22,6 +22,11 @@ def test_demo_end_to_end_then_up_to_date(tmp_path, shakespeare_dir, capsys):
     second = capsys.readouterr().out
     for stage in ("tokenizer", "pack", "model"):
         assert f"[demo:{stage}] up to date" in second, second
+    # an export made by other modeling code is not reused
+    export = tmp_path / "build" / "qovaryx-debug-scratch-base"
+    (export / "model.py").write_text((export / "model.py").read_text() + "\n# older code\n")
+    assert main(args) == 0
+    assert "[demo:model] wrote a random-init debug scratch base" in capsys.readouterr().out
 
 
 def _sdist(tmp_path, plays, n=None):
