@@ -5,7 +5,7 @@ the 42 Shakespeare plays (../shared/corpora/shakespeare, else the demo's cache),
 trainer settings; wall time and peak RSS (os.wait4 rusage of each child) are measured for each,
 alternating the two, and the medians' ratios are printed. Goal: <= 1.10x time, <= 1.20x memory.
 
-    .venv/bin/python benchmarks/bench_train_bpe.py [--repeats 5] [--corpus DIR]
+    .venv/bin/python benchmarks/bench_train_bpe.py [--repeats 11] [--corpus DIR]
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def cli_command() -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs of each (after one warm-up)")
+    ap.add_argument("--repeats", type=int, default=11, help="timed runs of each (after one warm-up); 5 is noisy here")
     ap.add_argument("--corpus", type=Path, default=next((c for c in CORPORA if c.exists()), None),
                     help="folder of *_gut.txt files")
     args = ap.parse_args()
