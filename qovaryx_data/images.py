@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from qovaryx_data.errors import ImageError
+from qovaryx_data.fileio import atomic_write
 
 # mode -> channels stored per pixel
 MODES: dict[str, int] = {"L": 1, "RGB": 3}
@@ -358,12 +359,4 @@ def contact_sheet(images: list[np.ndarray], labels: list[str | None], out: Path,
         draw.text((x, y + t.height + 1), "-" if label is None else str(label), fill=(0, 0, 0),
                   font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")   # same folder: os.replace is atomic
-    try:
-        with open(tmp, "wb") as f:
-            sheet.save(f, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qovaryx_data.errors import FormatError, ManifestError
+from qovaryx_data.fileio import atomic_write
 from qovaryx_data.format import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION
-from qovaryx_data.sources import (DEFAULT_UNIT_BYTES, DEFAULT_UNIT_ROWS, FORMATS, NUM_DECISION_CLASSES,
-                                  ON_ERROR, SPLITS, SourceConfig)
+from qovaryx_data.sources import DEFAULT_UNIT_BYTES, DEFAULT_UNIT_ROWS, ON_ERROR, SourceConfig
 
 DATASET_JSON = "dataset.json"
 SEPARATORS = ("eos", "none")
@@ -161,14 +160,7 @@ def load_manifest(path: str | Path) -> PackManifest:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temp name in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1) + "\n", fsync=True)
 
 
 def write_dataset_json(folder: Path, info: dict) -> None:

@@ -42,11 +42,13 @@ import numpy as np
 import xxhash
 
 from qovaryx_data.errors import ImageError, ManifestError, QovaryxDataError, SourceError
+from qovaryx_data.fileio import atomic_write, temp_name
 from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_SIZE, META_FORMAT_KEY,
                                  META_FORMAT_VALUE, META_VERSION_KEY, dtype_name, pack_header,
                                  padded, token_dtype)
-from qovaryx_data.manifest import (DATASET_JSON, NUM_DECISION_CLASSES, PackManifest, load_manifest,
+from qovaryx_data.manifest import (DATASET_JSON, PackManifest, load_manifest,
                                    read_dataset_json, write_dataset_json, write_json_atomic)
+from qovaryx_data.sources import NUM_DECISION_CLASSES
 from qovaryx_data.tokenizer import EOS_TOKEN, load_tokenizer, special_token_ids, tokenizer_hash
 
 PACK_CODE_VERSION = 2          # bump when the packer's output for the same inputs changes
@@ -403,9 +405,7 @@ def _prepare_work_dir(work: Path, fingerprint: str) -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     if not stamp.is_file():
-        tmp = work / f".fingerprint.tmp-{os.getpid()}"
-        tmp.write_text(fingerprint + "\n")
-        os.replace(tmp, stamp)
+        atomic_write(stamp, fingerprint + "\n")
 
 
 def _part_path(work: Path, k: int) -> Path:
@@ -605,7 +605,7 @@ class _UnitPart:
     def __init__(self, path: Path, settings: _Settings):
         self.path, self.s = path, settings
         self.pix_path = path.with_suffix(".pix")
-        self.pix_tmp = self.pix_path.with_name(f".{self.pix_path.name}.tmp-{os.getpid()}")
+        self.pix_tmp = temp_name(self.pix_path)   # streamed into, renamed by finish()
         self.pix_file = None
         self.skipped: Counter = Counter()
         self.samples: list[dict] = []
@@ -782,10 +782,11 @@ def _load_image(row, spec, note_file) -> tuple[np.ndarray, bytes]:
 
 
 def _write_part(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:          # no fsync: a part is cheap to redo (see _load_part)
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:   # no fsync: a part is cheap to redo (see _load_part)
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def _load_part(path: Path, image_shape) -> dict:

@@ -26,7 +26,8 @@ import numpy as np
 from qovaryx_data.errors import FormatError, TokenizerError
 from qovaryx_data.format import (HEADER_SIZE, META_FORMAT_KEY, META_FORMAT_VALUE, META_VERSION_KEY,
                                  FORMAT_MAJOR, read_header)
-from qovaryx_data.manifest import DATASET_JSON, NUM_DECISION_CLASSES, read_dataset_json
+from qovaryx_data.manifest import DATASET_JSON, read_dataset_json
+from qovaryx_data.sources import NUM_DECISION_CLASSES
 
 
 @dataclass(slots=True)

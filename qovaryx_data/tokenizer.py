@@ -19,12 +19,13 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qovaryx_data.errors import TokenizerError
+from qovaryx_data.fileio import atomic_write
 from qovaryx_data.sources import FORMATS, SPLITS   # light: the readers import their libraries lazily
 
 # The fixed special tokens, ids 0..7 in this order (docs/CONTRACTS.md). Extra ones are appended after.
@@ -215,8 +216,8 @@ def train_bpe(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     (out / META_FILE).unlink(missing_ok=True)
     for name in STALE_HF_FILES:   # left by other tools; transformers would read them over ours
         (out / name).unlink(missing_ok=True)
-    _atomic_write(out / TOKENIZER_FILE, lambda tmp: tokenizer.save(str(tmp), pretty=True))
-    _atomic_write(out / HF_CONFIG_FILE, _dumps(_hf_config(cfg)))
+    atomic_write(out / TOKENIZER_FILE, lambda tmp: tokenizer.save(str(tmp), pretty=True))
+    atomic_write(out / HF_CONFIG_FILE, _dumps(_hf_config(cfg)))
     meta = {
         "format": META_FORMAT,
         "version": META_VERSION,
@@ -234,7 +235,7 @@ def train_bpe(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         "qovaryx_version": _qovaryx_version(),
         "tokenizers_version": _tokenizers_version(),
     }
-    _atomic_write(out / META_FILE, _dumps(meta))   # written last: its presence marks a complete folder
+    atomic_write(out / META_FILE, _dumps(meta))   # written last: its presence marks a complete folder
     return TrainResult(out=out, vocab_size=reached, hash=new_hash, documents=stats["documents"],
                        characters=stats["characters"], special_token_ids=ids)
 
@@ -439,22 +440,6 @@ def special_token_ids(tok) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- small helpers
-
-def _atomic_write(path: Path, content: str | Callable[[Path], None]) -> None:
-    """Write `content` (text, or a function writing the file it is given) to a temp file beside
-    `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        if callable(content):
-            content(tmp)
-        else:
-            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-                f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
