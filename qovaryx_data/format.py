@@ -1,4 +1,6 @@
-"""The packed format's constants and binary headers: magic, version, dtype codes, the dtype rule.
+"""The packed format's constants and binary headers: magic, version, dtype codes, the dtype rule,
+the per-row metadata schema and the file checksum. The writer (packer.py) and the readers
+(reader.py) both take the on-disk contract from here.
 
 Every binary file of a packed dataset starts with the same 64-byte little-endian header
 (see docs/FORMAT.md, the public contract):
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from qovaryx_data.errors import FormatError
 
@@ -151,3 +154,33 @@ def read_header(path: str | Path, expect_kind: str, *, check_size: bool = True) 
                               f"({header.count} {expect_kind} items): the file is truncated or "
                               f"damaged (run `qovaryx-data verify`, then re-pack)")
     return header
+
+
+# (column, numpy dtype, nullable): shard-NNNNN.meta.arrow, one row per document
+META_COLUMNS = (
+    ("source", np.int16, False),            # index into dataset.json sources
+    ("file", np.int32, False),              # index into dataset.json source_files
+    ("row", np.int64, False),               # row / line within that file
+    ("decision", np.int8, True),            # class 0..3; null: no label
+    ("decision_position", np.int32, True),  # index into the row's tokens; null: no label
+    ("image", np.int32, True),              # index into the shard's .img; null: no image
+)
+
+
+def meta_schema():
+    """Arrow schema of shard-NNNNN.meta.arrow, format and version in its metadata."""
+    import pyarrow as pa
+
+    return pa.schema([pa.field(name, pa.from_numpy_dtype(dt), nullable=null)
+                      for name, dt, null in META_COLUMNS],
+                     metadata={META_FORMAT_KEY: META_FORMAT_VALUE,
+                               META_VERSION_KEY: FORMAT_VERSION.encode()})
+
+
+def file_entry(path: Path) -> dict:
+    """{"bytes": size, "xxh3_128": hex} of one file, streamed in 8 MiB blocks."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "xxh3_128": h.hexdigest()}

@@ -43,9 +43,9 @@ import xxhash
 
 from qovaryx_data.errors import ImageError, ManifestError, QovaryxDataError, SourceError
 from qovaryx_data.fileio import atomic_write, temp_name
-from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_SIZE, META_FORMAT_KEY,
-                                 META_FORMAT_VALUE, META_VERSION_KEY, dtype_name, pack_header,
-                                 padded, token_dtype)
+from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_SIZE, META_COLUMNS,
+                                 dtype_name, file_entry, meta_schema, pack_header, padded,
+                                 token_dtype)
 from qovaryx_data.manifest import (DATASET_JSON, PackManifest, load_manifest,
                                    read_dataset_json, write_dataset_json, write_json_atomic)
 from qovaryx_data.sources import NUM_DECISION_CLASSES
@@ -808,27 +808,6 @@ def _load_part(path: Path, image_shape) -> dict:
 
 # ============================================================================ assembling
 
-# (column, numpy dtype, nullable): shard-NNNNN.meta.arrow, one row per document
-META_COLUMNS = (
-    ("source", np.int16, False),            # index into dataset.json sources
-    ("file", np.int32, False),              # index into dataset.json source_files
-    ("row", np.int64, False),               # row / line within that file
-    ("decision", np.int8, True),            # class 0..3; null: no label
-    ("decision_position", np.int32, True),  # index into the row's tokens; null: no label
-    ("image", np.int32, True),              # index into the shard's .img; null: no image
-)
-
-
-def meta_schema():
-    """Arrow schema of shard-NNNNN.meta.arrow, format and version in its metadata."""
-    import pyarrow as pa
-
-    return pa.schema([pa.field(name, pa.from_numpy_dtype(dt), nullable=null)
-                      for name, dt, null in META_COLUMNS],
-                     metadata={META_FORMAT_KEY: META_FORMAT_VALUE,
-                               META_VERSION_KEY: FORMAT_VERSION.encode()})
-
-
 def _meta_batch(cols: dict[str, np.ndarray]):
     """One record batch; a null slot holds -1 in the values buffer (readers may map the values
     without the validity bitmap: docs/FORMAT.md)."""
@@ -1045,15 +1024,6 @@ class _DatasetWriter:
             "files": files,
         })
         write_dataset_json(self.folder, info)
-
-
-def file_entry(path: Path) -> dict:
-    """{"bytes": size, "xxh3_128": hex} of one file, streamed in 8 MiB blocks."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "xxh3_128": h.hexdigest()}
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

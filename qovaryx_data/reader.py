@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from qovaryx_data.errors import FormatError, TokenizerError
-from qovaryx_data.format import (HEADER_SIZE, META_FORMAT_KEY, META_FORMAT_VALUE, META_VERSION_KEY,
-                                 FORMAT_MAJOR, read_header)
+from qovaryx_data.format import (FORMAT_MAJOR, HEADER_SIZE, META_COLUMNS, META_FORMAT_KEY,
+                                 META_FORMAT_VALUE, META_VERSION_KEY, file_entry, read_header)
 from qovaryx_data.manifest import DATASET_JSON, read_dataset_json
 from qovaryx_data.sources import NUM_DECISION_CLASSES
 
@@ -309,8 +309,6 @@ def _read_meta(path: Path) -> dict[str, np.ndarray]:
     buffer: each column is then a zero-copy view of the memory map. Other files are converted."""
     import pyarrow as pa
 
-    from qovaryx_data.packer import META_COLUMNS
-
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
     except (pa.ArrowInvalid, OSError) as e:
@@ -367,8 +365,6 @@ def verify(path: str | os.PathLike) -> VerifyResult:
     Returns a VerifyResult; `.bad` names each missing, resized or changed file.
     FormatError when dataset.json itself is missing or unreadable.
     """
-    from qovaryx_data.packer import file_entry
-
     bad, checked = [], 0
     for folder in dataset_folders(path):
         info = read_dataset_json(folder)
