@@ -186,17 +186,18 @@ def _plan(m: PackManifest):
     base = Path(m.base_dir)
     configs, units, files = [], [], []
     for i, spec in enumerate(m.sources):
-        cfg = sources.effective_config(spec, base)
+        inputs = sources.resolve_inputs(spec.path, base, spec.format)   # globbed once per source
+        cfg = sources.effective_config(spec, base, files=inputs)
         configs.append(cfg)
-        units.extend(sources.plan_units(cfg, i, base, m.unit_bytes, m.unit_rows))
-        for f in sources.resolve_inputs(cfg.path, base, cfg.format):
+        units.extend(sources.plan_units(cfg, i, base, m.unit_bytes, m.unit_rows, files=inputs))
+        for f in inputs:
             files.extend(_stat_tree(f))
     return configs, units, files
 
 
 def _stat_tree(p: Path) -> list[list]:
     paths = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    return [[str(q), q.stat().st_size, q.stat().st_mtime_ns] for q in paths]
+    return [[str(q), *_stat_pair(str(q))] for q in paths]
 
 
 def _fingerprint(m: PackManifest, tok_hash: str, files: list, configs: list) -> str:

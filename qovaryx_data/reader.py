@@ -132,9 +132,7 @@ class PackedDataset:
         return {"path": str(self.path)}
 
     def __setstate__(self, state):
-        self.path = Path(state["path"])
-        self.info = read_dataset_json(self.path)
-        self._open()
+        self.__init__(state["path"])
 
     # ---- rows ----
     def __len__(self) -> int:
@@ -406,7 +404,6 @@ def inspect_dataset(path: str | os.PathLike, *, samples: int = 1, sample_tokens:
                                "tokens": int(len(d.tokens)),
                                "text": tok.decode(d.tokens[:sample_tokens].tolist(),
                                                   skip_special_tokens=False)})
-        mm = ds.multimodal_doc_indices
         reports[info.get("split") or "dataset"] = {
             "path": str(folder),
             "name": info["name"],
@@ -419,7 +416,7 @@ def inspect_dataset(path: str | os.PathLike, *, samples: int = 1, sample_tokens:
                           "vocab_size": info["tokenizer"]["vocab_size"]},
             "sources": info["sources"],
             "rows_with_images": int(info.get("num_images", 0)),
-            "rows_with_image_or_label": int(len(mm)),
+            "rows_with_image_or_label": int(info["num_multimodal_documents"]),
             "decision_counts": _decision_counts(info),
             "skipped": info["skipped"],
             "skipped_sample": info["skipped_sample"][:10],

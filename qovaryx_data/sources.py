@@ -192,12 +192,14 @@ def _known_file(f: Path, format: str | None) -> bool:
 # ----------------------------------------------------------------------------- planning
 
 def plan_units(cfg: SourceConfig, source_index: int = 0, base_dir: Path | None = None,
-               unit_bytes: int = DEFAULT_UNIT_BYTES, unit_rows: int = DEFAULT_UNIT_ROWS) -> list[WorkUnit]:
-    """Cut one source into work units (see the module docstring). Deterministic for the same files."""
+               unit_bytes: int = DEFAULT_UNIT_BYTES, unit_rows: int = DEFAULT_UNIT_ROWS, *,
+               files: list[Path] | None = None) -> list[WorkUnit]:
+    """Cut one source into work units (see the module docstring). Deterministic for the same files.
+    `files`: the source's `resolve_inputs`, when the caller already has them."""
     if unit_bytes < 1 or unit_rows < 1:
         raise ValueError("unit_bytes and unit_rows must be positive")
     units: list[WorkUnit] = []
-    for f in resolve_inputs(cfg.path, base_dir, cfg.format):
+    for f in files if files is not None else resolve_inputs(cfg.path, base_dir, cfg.format):
         fmt = cfg.format or infer_format(f)
         if fmt == "hf":
             units.extend(_plan_hf(cfg, source_index, f, unit_rows))
@@ -365,9 +367,11 @@ def hf_fields(cfg: SourceConfig, features: Any) -> SourceConfig:
     return replace(cfg, image_field=image_field, decision_field=decision_field, decision_labels=labels)
 
 
-def effective_config(cfg: SourceConfig, base_dir: Path | None = None) -> SourceConfig:
-    """The config as the readers apply it: for hf sources, Image()/ClassLabel columns auto-detected."""
-    files = resolve_inputs(cfg.path, base_dir, cfg.format)
+def effective_config(cfg: SourceConfig, base_dir: Path | None = None, *,
+                     files: list[Path] | None = None) -> SourceConfig:
+    """The config as the readers apply it: for hf sources, Image()/ClassLabel columns auto-detected.
+    `files`: the source's `resolve_inputs`, when the caller already has them."""
+    files = files if files is not None else resolve_inputs(cfg.path, base_dir, cfg.format)
     if (cfg.format or infer_format(files[0])) == "hf":
         return hf_fields(cfg, _load_hf(files[0]).features)
     return cfg
