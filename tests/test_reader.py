@@ -221,6 +221,8 @@ def test_inspect_reports_counts_sources_skips_histogram_and_sample(packed, tmp_p
     assert result.exit_code == 0, result.output
     r = json.loads(result.output)["dataset"]
     assert r["documents"] == 4012 and r["rows_with_images"] == 12
+    ds = PackedDataset(packed["out"])
+    assert r["rows_with_image_or_label"] == len(ds.multimodal_doc_indices) == 12
     assert [s["documents"] for s in r["sources"]] == [4000, 12]
     assert sum(h["documents"] for h in r["length_histogram"]) == 4012
     assert r["decision_counts"] == {n: int(sum(int(l) % 4 == c for l in packed["labels"]))
