@@ -505,6 +505,7 @@ def _stop_pool(pool, graceful: bool) -> None:
     """Shut the pool down; after an error or an interrupt, kill its workers instead of waiting
     for their units to finish."""
     procs = list((pool._processes or {}).values())   # noqa: SLF001 - no public handle in 3.11
+    manager = pool._executor_manager_thread          # noqa: SLF001 - shutdown() forgets it
     if graceful:
         pool.shutdown(wait=True)
         return
@@ -514,6 +515,12 @@ def _stop_pool(pool, graceful: bool) -> None:
             proc.terminate()
     for proc in procs:
         proc.join()
+    # Wait for the pool's manager thread too: it closes its wake-up pipe on the way out, and
+    # CPython 3.11's exit hook (concurrent.futures.process._python_exit) writes to that pipe
+    # without a lock. Left running, the two race, and the CLI's clear error is followed by a
+    # "Bad file descriptor" traceback at exit.
+    if manager is not None:
+        manager.join(timeout=60)
 
 
 def _rebuild_error(payload: dict) -> Exception:
