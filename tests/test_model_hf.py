@@ -158,7 +158,8 @@ def test_export_loads_without_qovaryx_and_init_cli(tmp_path, tok_dir):
         ref = torch.load("ref.pt")
         m = AutoModelForCausalLM.from_pretrained("exp", trust_remote_code=True).eval()
         assert type(m).__name__ == "QovaryxForCausalLM", type(m)
-        assert torch.equal(m(input_ids=ref["ids"]).logits, ref["logits"]), "logits differ after reload"
+        # two model instances: equal weights, but not necessarily the same kernels (alignment, threads)
+        torch.testing.assert_close(m(input_ids=ref["ids"]).logits, ref["logits"], rtol=1e-5, atol=1e-5)
         gen = m.generate(ref["ids"][:1], max_new_tokens=6, min_new_tokens=6, do_sample=False)
         assert torch.equal(gen, ref["gen"]), (gen, ref["gen"])
         tok = AutoTokenizer.from_pretrained("exp", trust_remote_code=True)
@@ -212,7 +213,7 @@ def test_tied_head_round_trip_in_process(tmp_path):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "tied").eval()
     assert back.lm_head.weight is back.model.embed_tokens.weight
     ids = torch.randint(8, 300, (2, 10))
-    assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_init_with_the_project_tokenizer(tmp_path, small_tokenizer):
