@@ -27,7 +27,7 @@ IGNORE = -100
 # Keyword arguments transformers' generate()/Trainer/tokenizers may pass that carry nothing we use
 # (token_type_ids: a single segment type; the rest: output-format switches).
 HF_NOOP_KWARGS = {"return_dict", "output_attentions", "output_hidden_states", "token_type_ids",
-                  "num_items_in_batch", "cache_position"}
+                  "cache_position"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +393,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         decision_positions: torch.LongTensor | None = None,  # (B,) index into the text tokens
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,  # transformers < 5.x name of `cache`
+        num_items_in_batch=None,  # step-wide target counts: HF's int/tensor, or a `loss_counts` dict
         **kwargs,
     ) -> QovaryxCausalLMOutput:
         cfg = self.config
@@ -415,24 +416,23 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         out.logits = self.lm_head(keep)  # (B, T or logits_to_keep, V)
 
         terms = []  # (weight, loss) that make up out.loss
+        norm = _Normalizer(num_items_in_batch)
         if labels is not None:
-            # padding is never a target, even when labels carry a token there (the card's loop passes
-            # labels=input_ids): attention_mask 0 or document id -1 (docs/CONTRACTS.md)
-            if attention_mask is not None and attention_mask.shape[1] == T:
-                labels = labels.masked_fill(attention_mask == 0, IGNORE)
-            if document_ids is not None:
-                labels = labels.masked_fill(document_ids < 0, IGNORE)
-            out.lm_loss = self._ce(out.logits, self._targets(labels, t.docs, 1))
+            targets = self._loss_targets(labels, attention_mask, document_ids, T)  # [lm, depth 1, ...]
+            total, count = self._ce_sum(out.logits, targets[0])
+            norm.lm_local = count
+            out.lm_loss = norm(total, count, "lm")
             terms.append((1.0, out.lm_loss))
-            if len(self.mtp) and T > 2:
-                losses, has_targets = self._mtp_losses(t, input_ids, labels)
+            if len(targets) > 1:
+                losses = self._mtp_losses(t, input_ids, targets[1:], norm)
                 out.mtp_losses = torch.stack(losses)  # (K-1,), exactly 0 for a depth without any valid target
                 # mean over the depths with targets (not e.g. documents shorter than k + 2); the others add 0
-                out.mtp_loss = out.mtp_losses.sum() / torch.stack(has_targets).sum().clamp(min=1)
+                with_targets = norm.mtp_depths_with_targets(targets[1:])
+                out.mtp_loss = out.mtp_losses.sum() / with_targets.clamp(min=1)
                 terms.append((cfg.mtp_weight, out.mtp_loss))
-            if t.router:
-                out.moe_aux_loss = torch.stack([r["aux_loss"] for r in t.router]).mean()
-                out.moe_z_loss = torch.stack([r["z_loss"] for r in t.router]).mean()
+            if t.router:  # per micro-batch means; `norm` turns them into a mean over the step's micro-batches
+                out.moe_aux_loss = norm.per_batch(torch.stack([r["aux_loss"] for r in t.router]).mean())
+                out.moe_z_loss = norm.per_batch(torch.stack([r["z_loss"] for r in t.router]).mean())
                 terms += [(cfg.moe_aux_weight, out.moe_aux_loss), (cfg.moe_z_weight, out.moe_z_loss)]
         if t.router:
             out.expert_load = torch.stack([r["load"] for r in t.router])  # (n_layer, E)
@@ -445,7 +445,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             out.decision_logits = self.decision_head(text, decision_positions)  # (B, C) float32
             out.decision_probs = out.decision_logits.softmax(-1)
             if decision_labels is not None:
-                out.decision_loss = self._decision_loss(out.decision_logits, out.decision_probs, decision_labels)
+                out.decision_loss = self._decision_loss(out.decision_logits, out.decision_probs, decision_labels, norm)
                 terms.append((cfg.decision_weight, out.decision_loss))
         elif decision_labels is not None:
             raise ValueError("decision_labels given but decision_head_enabled=False in the model config")
@@ -455,13 +455,16 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         return out
 
     # --- losses -----------------------------------------------------------------------------
+    # Every term is a sum over its targets divided by a count: by default the micro-batch's own count
+    # (a mean), or the whole optimizer step's count when the caller passes `num_items_in_batch`
+    # (see `_Normalizer`), so that summing the micro-batches' losses gives the step's exact mean.
     @staticmethod
-    def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean token cross-entropy in float32 over the valid targets; exactly 0 (with a graph) when
-        there is none. A sum divided by the count, so no host sync (`mean` would give NaN for none)."""
+    def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed token cross-entropy in float32 over the valid targets, and their count (tensors:
+        no host sync; the sum is exactly 0, with a graph, when there is no target)."""
         total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                 ignore_index=IGNORE, reduction="sum")
-        return total / (targets != IGNORE).sum().clamp(min=1)
+        return total, (targets != IGNORE).sum()
 
     @staticmethod
     def _targets(labels: torch.Tensor, docs: torch.Tensor | None, ahead: int) -> torch.Tensor:
@@ -477,7 +480,55 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             tgt[:, :-ahead].masked_fill_(docs[:, ahead:] != docs[:, :-ahead], IGNORE)
         return tgt
 
-    def _mtp_losses(self, t: Trunk, input_ids: torch.Tensor, labels: torch.Tensor):
+    def _loss_targets(self, labels, attention_mask, document_ids, T: int) -> list[torch.Tensor]:
+        """The targets of every next-token term: [main head (B, T), MTP depth 1 (B, T - 1), ...].
+
+        Padding is never a target, even when labels carry a token there (the card's loop passes
+        labels=input_ids): attention_mask 0 or document id -1 (docs/CONTRACTS.md). Depth k has
+        T - k positions and exists only while that is at least 2 (and T > 2)."""
+        if attention_mask is not None and attention_mask.shape[1] == T:
+            labels = labels.masked_fill(attention_mask == 0, IGNORE)
+        if document_ids is not None:
+            labels = labels.masked_fill(document_ids < 0, IGNORE)
+        out = [self._targets(labels, document_ids, 1)]
+        if T > 2:
+            for k in range(1, self.config.n_mtp_modules + 1):
+                if T - k < 2:
+                    break
+                out.append(self._targets(labels, document_ids, k + 1)[:, :T - k])  # last position: past the end
+        return out
+
+    @torch.no_grad()
+    def loss_counts(self, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    document_ids: torch.Tensor | None = None, decision_labels: torch.Tensor | None = None,
+                    **_ignored) -> dict[str, torch.Tensor]:
+        """The target counts of one micro-batch, as the forward counts them: `lm` (next-token targets,
+        which equals HF's count of `labels[..., 1:] != -100` when labels are -100 at each document's
+        first token), `mtp` (K-1,) per depth, `decision` (the labelled rows' class-weight sum) and
+        `decision_rows`, plus `micro_batches` = 1. Sum them over every micro-batch (and rank) of an
+        optimizer step and pass the sums as `num_items_in_batch` to each forward of the step: then
+        the micro-batches' losses add up to the step's exact per-target means.
+
+            >>> m = QovaryxForCausalLM(QovaryxConfig.from_preset("debug", mtp_k=2, vocab_size=64))
+            >>> c = m.loss_counts(torch.tensor([[-100, 9, 10, 11]]))     # 3 targets; depth 1: 2
+            >>> int(c["lm"]), c["mtp"].tolist()
+            (3, [2])
+        """
+        T = labels.shape[1]
+        targets = self._loss_targets(labels, attention_mask, document_ids, T)
+        mtp = torch.zeros(self.config.n_mtp_modules, dtype=torch.long, device=labels.device)
+        for k, tgt in enumerate(targets[1:]):
+            mtp[k] = (tgt != IGNORE).sum()
+        counts = {"lm": (targets[0] != IGNORE).sum(), "mtp": mtp,
+                  "micro_batches": torch.ones((), dtype=torch.long, device=labels.device)}
+        if decision_labels is not None:
+            has = decision_labels != IGNORE
+            w = self._decision_weights(decision_labels.device)
+            counts["decision"] = (w[decision_labels[has]].sum() if w is not None else has.sum().float())
+            counts["decision_rows"] = has.sum()
+        return counts
+
+    def _mtp_losses(self, t: Trunk, input_ids: torch.Tensor, targets: list[torch.Tensor], norm: "_Normalizer"):
         """DeepSeek-V3 MTP: depth k (1..K-1) at position i sees h^{k-1}_i and emb(t_{i+k}) and
         predicts t_{i+k+1}; sequences shrink by one per depth, so targets never pass the window end."""
         if input_ids is None:
@@ -485,35 +536,79 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         T = input_ids.shape[1]
         h = t.h[:, t.n_prefix:]  # (B, T, d) text part of the trunk's residual stream
         cos, sin = t.rope
-        losses, has_targets = [], []
-        for k, depth in enumerate(self.mtp, start=1):
+        losses = []
+        for k, (depth, tgt) in enumerate(zip(self.mtp, targets), start=1):
             L = T - k  # positions 0..L-1 have a token k ahead
-            if L < 2:
-                break
             x = depth.combine(h[:, :L], self.model.embed_tokens(input_ids[:, k:]))  # (B, L, d)
             rope = (cos[:, :, t.n_prefix:t.n_prefix + L], sin[:, :, t.n_prefix:t.n_prefix + L])
             mask = t.mask.truncate(t.n_prefix, L)
             assert mask.dense is not None or mask.is_causal, "build_mask masks every forward of more than one token"
             h, _ = self.model.run_block(depth.block, x, rope, mask)  # (B, L, d); MTP router stats unused
             logits = self.lm_head(depth.norm(h))  # (B, L, V): position i predicts t_{i+k+1}
-            tgt = self._targets(labels, t.docs, k + 1)[:, :L]  # the last position's target is past the end
-            losses.append(self._ce(logits, tgt))
-            has_targets.append((tgt != IGNORE).any())  # a tensor: no host sync per depth
-        return losses, has_targets
+            total, count = self._ce_sum(logits, tgt)
+            losses.append(norm(total, count, "mtp", k - 1))
+        return losses
 
-    def _decision_loss(self, logits, probs, labels) -> torch.Tensor:
+    def _decision_weights(self, device) -> torch.Tensor | None:
+        w = self.config.decision_class_weights
+        return torch.tensor(w, dtype=torch.float32, device=device) if w is not None else None
+
+    def _decision_loss(self, logits, probs, labels, norm: "_Normalizer") -> torch.Tensor:
+        """(Class-weighted) cross-entropy over the labelled rows, plus the calibration term: the
+        multi-class Brier score, a mean over the labelled rows."""
         cfg = self.config
         has = labels != IGNORE
-        if not bool(has.any()):
-            return logits.sum() * 0.0
-        weight = (torch.tensor(cfg.decision_class_weights, dtype=torch.float32, device=logits.device)
-                  if cfg.decision_class_weights is not None else None)
-        loss = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE)
+        weight = self._decision_weights(logits.device)
+        ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")  # (B,), 0 where unlabelled
+        w = weight[labels.clamp(min=0)] * has if weight is not None else has.float()
+        loss = norm((ce * w).sum(), w.sum(), "decision")
         if cfg.decision_calibration == "brier" and cfg.calibration_loss_weight > 0:
-            onehot = F.one_hot(labels[has], cfg.decision_num_classes).float()
-            brier = (probs[has] - onehot).square().sum(-1).mean()  # multi-class Brier score, in [0, 2]
-            loss = loss + cfg.calibration_loss_weight * brier
+            onehot = F.one_hot(labels.clamp(min=0), cfg.decision_num_classes).float()
+            brier = (probs - onehot).square().sum(-1) * has  # multi-class Brier score per row, in [0, 2]
+            loss = loss + cfg.calibration_loss_weight * norm(brier.sum(), has.sum(), "decision_rows")
         return loss
+
+
+class _Normalizer:
+    """Divides a loss term's sum by its count (see `QovaryxForCausalLM.loss_counts`).
+
+    `counts` None: the micro-batch's own count (a mean over this batch). A dict: the optimizer step's
+    count of that term (token-exact accumulation; DDP callers also multiply the loss by the world
+    size, since DDP averages gradients). An int or 0-d tensor (transformers' `num_items_in_batch`,
+    the step's next-token target count): the next-token term is divided by it, and every other
+    term's batch mean is scaled by this batch's share of the step's next-token targets, so the
+    micro-batches' terms still add up to a step-wide mean.
+    """
+
+    def __init__(self, counts):
+        self.counts = counts
+        self.lm_local: torch.Tensor | None = None
+
+    def _share(self) -> torch.Tensor:
+        return self.lm_local / torch.as_tensor(self.counts, device=self.lm_local.device).clamp(min=1)
+
+    def __call__(self, total: torch.Tensor, count: torch.Tensor, key: str, index: int | None = None):
+        if self.counts is None:
+            return total / count.clamp(min=1)
+        if isinstance(self.counts, dict):
+            c = self.counts[key] if index is None else self.counts[key][index]
+            return total / torch.as_tensor(c, device=total.device).clamp(min=1)
+        if key == "lm":
+            return total / torch.as_tensor(self.counts, device=total.device).clamp(min=1)
+        return total / count.clamp(min=1) * self._share()
+
+    def per_batch(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-micro-batch mean (MoE auxiliary terms) as this batch's part of the step's mean."""
+        if self.counts is None:
+            return value
+        if isinstance(self.counts, dict):
+            return value / torch.as_tensor(self.counts["micro_batches"], device=value.device).clamp(min=1)
+        return value * self._share()
+
+    def mtp_depths_with_targets(self, targets: list[torch.Tensor]) -> torch.Tensor:
+        if isinstance(self.counts, dict):
+            return (torch.as_tensor(self.counts["mtp"]) > 0).sum()
+        return torch.stack([(t != IGNORE).any() for t in targets]).sum()  # a tensor: no host sync
 
 
 FinanceDecoder = QovaryxForCausalLM  # the card's legacy class name
