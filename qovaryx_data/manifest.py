@@ -86,7 +86,7 @@ class PackManifest:
 _SOURCE_TYPES = {"path": str, "format": (str, type(None)), "split": str, "text_field": str,
                  "image_field": (str, type(None)), "decision_field": (str, type(None)),
                  "decision_labels": (list, type(None)), "decision_position": str, "errors": str,
-                 "auto_fields": bool}
+                 "auto_fields": bool, "allow_empty": bool, "zstd_max_window": int}
 _TOP_TYPES = {"name": str, "tokenizer": str, "sources": list, "output": (str, type(None)),
               "shard_tokens": int, "validation": (float, int), "on_error": str, "separator": str,
               "min_tokens": int, "images": (dict, type(None)), "unit_bytes": int, "unit_rows": int}

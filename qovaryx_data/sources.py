@@ -30,6 +30,7 @@ import glob as _glob
 import io
 import json
 import re
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,6 +43,11 @@ ON_ERROR = ("fail", "skip")
 DEFAULT_UNIT_BYTES = 1 << 20
 DEFAULT_UNIT_ROWS = 8192
 NUM_DECISION_CLASSES = 4  # the decision head's classes (docs/CONTRACTS.md)
+# zstd frames declare the window (history) their decoder must hold. libzstd refuses more than
+# 128 MiB by default; we accept up to 2 GiB, the most `zstd --long=31` writes (a decoder holds at
+# most min(window, frame content size) bytes). A source may raise or lower it: zstd_max_window.
+ZSTD_MAX_WINDOW = 1 << 31
+ZSTD_MIN_WINDOW = 1 << 10
 
 # suffix -> format; checked longest first so ".jsonl.zst" wins over ".zst"
 _SUFFIX_FORMATS = (
@@ -50,7 +56,7 @@ _SUFFIX_FORMATS = (
     (".parquet", "parquet"),
     (".txt", "text"),
 )
-_HF_MARKERS = ("dataset_info.json", "state.json")
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # Dataset, DatasetDict
 # A paragraph ends at a line break followed by one or more blank (empty or space/tab-only) lines.
 _PARAGRAPH_SEP = re.compile(rb"\r?\n(?:[ \t]*\r?\n)+")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -62,7 +68,8 @@ class SourceConfig:
 
     path: str  # file, directory (searched recursively) or glob; relative paths resolve against base_dir
     format: str | None = None  # None: inferred per file from its extension (hf: a save_to_disk folder)
-    split: str = "file"  # text only: one document per file | line | blank-line paragraph
+    split: str = "file"  # text: one document per file | line | blank-line paragraph; hf: the
+    #                      DatasetDict split to read (e.g. "train"), for a save_to_disk DatasetDict
     text_field: str = "text"  # jsonl / parquet / hf column holding the text
     image_field: str | None = None  # column holding an image (path relative to the file, or bytes)
     decision_field: str | None = None  # column holding a decision label (int, or a name)
@@ -71,6 +78,8 @@ class SourceConfig:
     errors: str = "strict"  # invalid UTF-8: "strict" rejects the row, "replace" substitutes U+FFFD
     auto_fields: bool = True  # hf: an unset image/decision field takes the Image()/ClassLabel column
     num_decision_classes: int = NUM_DECISION_CLASSES  # labels must lie in 0..num_decision_classes-1
+    allow_empty: bool = False  # a source that yields no document is an error unless this is set
+    zstd_max_window: int = ZSTD_MAX_WINDOW  # .zst: largest frame window (bytes) the decoder accepts
 
     def __post_init__(self) -> None:
         # messages start with the field name: the manifest prefixes them with "FILE: sources[i]."
@@ -78,8 +87,15 @@ class SourceConfig:
             raise ValueError("path: must be a non-empty file, folder or glob")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.split not in SPLITS:
-            raise ValueError(f"split: {self.split!r} is not one of {', '.join(SPLITS)}")
+        if self.split not in SPLITS and self.format not in (None, "hf"):
+            raise ValueError(f"split: {self.split!r} is not one of {', '.join(SPLITS)} (any other "
+                             f"name is a DatasetDict split, for hf sources only)")
+        if not self.split:
+            raise ValueError("split: must be a non-empty name")
+        if isinstance(self.zstd_max_window, bool) or not isinstance(self.zstd_max_window, int) \
+                or self.zstd_max_window < ZSTD_MIN_WINDOW:
+            raise ValueError(f"zstd_max_window: bytes, at least {ZSTD_MIN_WINDOW} (zstd's smallest "
+                             f"window), got {self.zstd_max_window!r}")
         if self.errors not in ("strict", "replace"):
             raise ValueError(f"errors: {self.errors!r} is not 'strict' or 'replace'")
         if not self.decision_position:
@@ -201,6 +217,10 @@ def plan_units(cfg: SourceConfig, source_index: int = 0, base_dir: Path | None =
     units: list[WorkUnit] = []
     for f in files if files is not None else resolve_inputs(cfg.path, base_dir, cfg.format):
         fmt = cfg.format or infer_format(f)
+        if fmt == "text" and cfg.split not in SPLITS:
+            raise SourceError(f"{f}: split {cfg.split!r} is for `datasets` DatasetDict folders; a "
+                              f"text file's split is one of {', '.join(SPLITS)}", path=str(f),
+                              reason="unknown_split")
         if fmt == "hf":
             units.extend(_plan_hf(cfg, source_index, f, unit_rows))
         elif fmt == "parquet":
@@ -289,7 +309,7 @@ def _plan_parquet(cfg: SourceConfig, si: int, f: Path, unit_rows: int) -> list[W
 
 
 def _plan_hf(cfg: SourceConfig, si: int, f: Path, unit_rows: int) -> list[WorkUnit]:
-    ds = _load_hf(f)
+    ds = _load_hf(f, cfg.split)
     cfg = hf_fields(cfg, ds.features)
     _check_columns(cfg, f, list(ds.column_names))
     n = len(ds)
@@ -310,14 +330,29 @@ def _check_columns(cfg: SourceConfig, f: Path, names: list[str]) -> None:
                               reason="missing_column")
 
 
-def _load_hf(f: Path):
+def _load_hf(f: Path, split: str = "file"):
     """The dataset in a save_to_disk folder, loaded once per process while the folder is unchanged
-    (its Arrow files are memory-mapped, so keeping it costs no copy)."""
+    (its Arrow files are memory-mapped, so keeping it costs no copy). A DatasetDict folder needs
+    the source's `split` (e.g. ``split: train``), as `datasets` asks for one split."""
     try:  # a re-save rewrites the folder and its state files: that changes the key
         key = tuple(p.stat().st_mtime_ns for p in (f, *(f / m for m in _HF_MARKERS)) if p.exists())
     except OSError:
         key = ()
-    return _load_hf_cached(str(f), key)
+    ds = _load_hf_cached(str(f), key)
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if split in ds:
+            return ds[split]
+        why = "needs `split:` naming one" if split in SPLITS else f"has no split {split!r}"
+        raise SourceError(f"{f}: holds a DatasetDict with splits {list(ds)}; the source {why}: "
+                          f"set `split: {next(iter(ds), 'train')}` (one of {list(ds)}) in the "
+                          f"manifest source", path=str(f), reason="unknown_split")
+    if split not in SPLITS:
+        raise SourceError(f"{f}: holds one Dataset, not a DatasetDict, so it has no split "
+                          f"{split!r}; remove `split:` from the source", path=str(f),
+                          reason="unknown_split")
+    return ds
 
 
 @functools.lru_cache(maxsize=8)
@@ -326,14 +361,10 @@ def _load_hf_cached(folder: str, key: tuple):
 
     f = Path(folder)
     try:
-        ds = datasets.load_from_disk(str(f))
+        return datasets.load_from_disk(str(f))
     except Exception as e:
         raise SourceError(f"{f}: not a readable `datasets` save_to_disk folder ({e})", path=str(f),
                           reason="corrupt_file") from None
-    if isinstance(ds, datasets.DatasetDict):
-        raise SourceError(f"{f}: holds a DatasetDict with splits {list(ds)}; point the source at one "
-                          f"split's folder, e.g. {f / next(iter(ds))}", path=str(f), reason="unknown_format")
-    return ds
 
 
 def hf_fields(cfg: SourceConfig, features: Any) -> SourceConfig:
@@ -373,7 +404,7 @@ def effective_config(cfg: SourceConfig, base_dir: Path | None = None, *,
     `files`: the source's `resolve_inputs`, when the caller already has them."""
     files = files if files is not None else resolve_inputs(cfg.path, base_dir, cfg.format)
     if (cfg.format or infer_format(files[0])) == "hf":
-        return hf_fields(cfg, _load_hf(files[0]).features)
+        return hf_fields(cfg, _load_hf(files[0], cfg.split).features)
     return cfg
 
 
@@ -464,46 +495,89 @@ def _read_jsonl(unit: WorkUnit, cfg: SourceConfig) -> Iterator[Row | SourceError
 
 
 def _read_jsonl_zst(unit: WorkUnit, cfg: SourceConfig) -> Iterator[Row | SourceError]:
-    import zstandard
-
     line, pending = 1, b""
     try:
-        for chunk in _zst_chunks(unit.path):
+        for chunk in _zst_chunks(unit.path, cfg.zstd_max_window):
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
             for raw in lines:
                 yield from _json_row(raw, cfg, unit.path, line)
                 line += 1
-    except zstandard.ZstdError as e:
-        yield SourceError(f"{unit.path}: unreadable zstd data near line {line} ({e}); the file is "
-                          f"corrupt or truncated: re-create or re-download it", path=unit.path, row=line,
-                          reason="corrupt_zst")
+    except ZstdReadError as e:
+        yield e.source_error(unit.path, line)
         return
     if pending:
         yield from _json_row(pending, cfg, unit.path, line)
 
 
-def _zst_chunks(path: str, read_size: int = 1 << 20) -> Iterator[bytes]:
-    """Decompressed chunks of a (multi-frame) zstd file; raises ZstdError if it ends inside a frame.
+class ZstdReadError(Exception):
+    """A .zst file could not be decoded: corrupt or truncated data, or (`window` set) a frame
+    whose window is larger than the source's zstd_max_window."""
+
+    def __init__(self, detail: str, window: int | None = None, limit: int | None = None):
+        super().__init__(detail)
+        self.window, self.limit = window, limit
+
+    def source_error(self, path: str, line: int) -> SourceError:
+        if self.window is not None:
+            return SourceError(
+                f"{path}: a zstd frame near line {line} needs a {_mib(self.window)} decoding "
+                f"window, more than this source allows ({_mib(self.limit)}, zstd_max_window); "
+                f"the file is valid (written with a long window, e.g. `zstd --long`): allow it with "
+                f"`zstd_max_window: {self.window}` in the manifest source (each worker then may hold "
+                f"that much memory), or recompress it without --long", path=path, row=line,
+                reason="zstd_window")
+        return SourceError(f"{path}: unreadable zstd data near line {line} ({self}); the file is "
+                           f"corrupt or truncated: re-create or re-download it", path=path, row=line,
+                           reason="corrupt_zst")
+
+
+def _mib(n: int | None) -> str:
+    return f"{(n or 0) / (1 << 20):,.0f} MiB" if (n or 0) >= 1 << 20 else f"{n} bytes"
+
+
+def _zst_chunks(path: str, max_window: int = ZSTD_MAX_WINDOW,
+                read_size: int = 1 << 20) -> Iterator[bytes]:
+    """Decompressed chunks of a (multi-frame) zstd file. Raises ZstdReadError for corrupt data, a
+    file that ends inside a frame, or a frame whose window exceeds `max_window` bytes.
 
     (zstandard's stream_reader stops quietly at a truncated frame, so frames are walked by hand.)
     """
     import zstandard
 
-    dctx = zstandard.ZstdDecompressor()
-    dobj, fed = dctx.decompressobj(), False
+    dctx = zstandard.ZstdDecompressor(max_window_size=max_window)
+    dobj, head = dctx.decompressobj(), b""      # head: the current frame's first bytes
     with open(path, "rb") as fh:
         while data := fh.read(read_size):
             while data:
-                out = dobj.decompress(data)
-                fed = True
+                if len(head) < _ZSTD_FRAME_HEADER_MAX:
+                    head += data[:_ZSTD_FRAME_HEADER_MAX - len(head)]
+                try:
+                    out = dobj.decompress(data)
+                except zstandard.ZstdError as e:
+                    raise _zstd_error(e, head, max_window) from None
                 if out:
                     yield out
                 data = dobj.unused_data if dobj.eof else b""
                 if dobj.eof:
-                    dobj, fed = dctx.decompressobj(), False
-    if fed:
-        raise zstandard.ZstdError("the file ends inside a zstd frame (truncated)")
+                    dobj, head = dctx.decompressobj(), b""
+    if head:
+        raise ZstdReadError("the file ends inside a zstd frame (truncated)")
+
+
+_ZSTD_FRAME_HEADER_MAX = 18   # bytes: magic, descriptor, window, dictionary id, content size
+
+
+def _zstd_error(e: Exception, head: bytes, max_window: int) -> ZstdReadError:
+    import zstandard
+
+    try:
+        window = zstandard.get_frame_parameters(head).window_size
+    except zstandard.ZstdError:
+        window = 0
+    if window > max_window:
+        return ZstdReadError(str(e), window, max_window)
+    return ZstdReadError(str(e))
 
 
 def _json_row(raw: bytes, cfg: SourceConfig, path: str, line: int) -> Iterator[Row | SourceError]:
@@ -519,6 +593,12 @@ def _json_row(raw: bytes, cfg: SourceConfig, path: str, line: int) -> Iterator[R
     except json.JSONDecodeError as e:
         yield SourceError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the "
                           f"line (a pack manifest's on_error: skip skips such rows)", path=path, row=line,
+                          reason="malformed_json")
+        return
+    except RecursionError:   # Python's json parser recurses once per nesting level
+        yield SourceError(f"{where}: JSON nested too deeply to parse (more levels than Python's "
+                          f"recursion limit, {sys.getrecursionlimit()}); flatten or remove the "
+                          f"line (on_error: skip skips such rows)", path=path, row=line,
                           reason="malformed_json")
         return
     if not isinstance(obj, dict):
@@ -549,6 +629,10 @@ def _record_row(obj: dict, cfg: SourceConfig, path: str, row: int, where: str) -
             return SourceError(f"{where}: no field {cfg.text_field!r} (fields: {sorted(obj)}); set "
                                f"text_field (CLI --text-field) to the field holding the text",
                                path=path, row=row, reason="missing_field")
+        if not multimodal:   # a row with an image or a label may have no text; others must
+            return SourceError(f"{where}: field {cfg.text_field!r} is null; a text-only row needs "
+                               f"a string (\"\" for no text): fix the row, or skip such rows "
+                               f"with on_error: skip", path=path, row=row, reason="null_text")
         text = ""
     elif not isinstance(text, str):
         return SourceError(f"{where}: field {cfg.text_field!r} must be a string, got "
@@ -627,7 +711,7 @@ def _unit_end_row(unit: WorkUnit) -> str:
 
 
 def _read_hf(unit: WorkUnit, cfg: SourceConfig) -> Iterator[Row | SourceError]:
-    ds = _load_hf(Path(unit.path))
+    ds = _load_hf(Path(unit.path), cfg.split)
     cfg = hf_fields(cfg, ds.features)
     cols = [c for c in _columns(cfg) if c in ds.column_names]
     try:

@@ -279,3 +279,92 @@ def test_paragraph_cut_waits_for_the_whole_blank_run(tmp_path):
     assert whole[-2:] == ["next para", "last"]
     for ub in (1000, 2000, 65_000, 65_500):
         assert texts(rows(cfg, unit_bytes=ub)) == whole, ub
+
+
+def test_null_text_is_bad_input_naming_file_and_row(tmp_path):
+    """A null text value (JSONL null, parquet null) in a text-only row is bad input, not an empty
+    row: an error naming file and row, a counted skip with on_error: skip. "" stays empty."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    j = tmp_path / "n.jsonl"
+    j.write_text('{"text": "first"}\n{"text": ""}\n{"text": null}\n{"text": "last"}\n')
+    with pytest.raises(SourceError, match=r"n\.jsonl line 3: field 'text' is null") as e:
+        rows(SourceConfig(path=str(j)))
+    assert (e.value.row, e.value.reason) == (3, "null_text")
+    got = rows(SourceConfig(path=str(j)), on_error="skip")
+    assert texts(got) == ["first", "last"]
+    assert [(s.row, s.reason) for s in got if isinstance(s, Skipped)] == [(2, "empty"),
+                                                                          (3, "null_text")]
+    p = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"text": ["a", None, ""]}), p)
+    with pytest.raises(SourceError, match=r"n\.parquet row 1: field 'text' is null") as e:
+        rows(SourceConfig(path=str(p)))
+    assert e.value.reason == "null_text"
+    got = rows(SourceConfig(path=str(p)), on_error="skip")
+    assert [(s.row, s.reason) for s in got if isinstance(s, Skipped)] == [(1, "null_text"),
+                                                                          (2, "empty")]
+
+
+def test_deeply_nested_jsonl_line_is_a_named_error(tmp_path):
+    """A line nested past Python's recursion limit (in an unused field) is malformed_json naming
+    file and line, never a RecursionError traceback."""
+    p = tmp_path / "deep.jsonl"
+    deep = "[" * 100_000 + "]" * 100_000
+    p.write_text('{"text": "ok"}\n{"text": "x", "junk": ' + deep + '}\n{"text": "after"}\n')
+    with pytest.raises(SourceError, match=r"deep\.jsonl line 2: JSON nested too deeply") as e:
+        rows(SourceConfig(path=str(p)))
+    assert (e.value.row, e.value.reason) == (2, "malformed_json")
+    got = rows(SourceConfig(path=str(p)), on_error="skip")
+    assert texts(got) == ["ok", "after"]
+
+
+def test_hf_datasetdict_folder_takes_a_split(tmp_path):
+    """A save_to_disk DatasetDict is read one split at a time (`split: NAME`, the datasets
+    convention); without it, or with an unknown split, the error lists the splits."""
+    import datasets
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "b", "c"]}),
+                               "test": datasets.Dataset.from_dict({"text": ["t"]})})
+    dd.save_to_disk(tmp_path / "dd")
+    assert texts(rows(SourceConfig(path=str(tmp_path / "dd"), split="train"))) == ["a", "b", "c"]
+    assert texts(rows(SourceConfig(path=str(tmp_path / "dd"), format="hf", split="test"))) == ["t"]
+    with pytest.raises(SourceError, match=r"DatasetDict with splits \['train', 'test'\].*"
+                                          r"split: train") as e:
+        plan_units(SourceConfig(path=str(tmp_path / "dd")))
+    assert e.value.reason == "unknown_split"
+    with pytest.raises(SourceError, match=r"has no split 'dev'.*\['train', 'test'\]"):
+        plan_units(SourceConfig(path=str(tmp_path / "dd"), split="dev"))
+    dd["train"].save_to_disk(tmp_path / "one")
+    with pytest.raises(SourceError, match="not a DatasetDict.*remove `split:`"):
+        plan_units(SourceConfig(path=str(tmp_path / "one"), split="train"))
+    with pytest.raises(ValueError, match="split: 'train' is not one of"):
+        SourceConfig(path="x.txt", format="text", split="train")
+
+
+def _long_window_zst(data: bytes) -> bytes:
+    """What `zstd --long=31` writes for a stream (stdin): a frame declaring a 2 GiB window."""
+    import io
+
+    params = zstandard.ZstdCompressionParameters(window_log=31, enable_ldm=True)
+    buf = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(buf, closefd=False) as w:
+        w.write(data)
+    assert zstandard.get_frame_parameters(buf.getvalue()).window_size == 1 << 31
+    return buf.getvalue()
+
+
+def test_zstd_long_window_frames_decode_up_to_the_limit(tmp_path, verses):
+    """A valid long-window frame (zstd --long=31) is read (libzstd alone refuses windows past
+    128 MiB); past the source's zstd_max_window the error says the frame needs a larger window
+    and how to allow it, not that the file is corrupt."""
+    data = ("\n".join(json.dumps({"text": v}) for v in verses[:300]) + "\n").encode()
+    p = tmp_path / "long.jsonl.zst"
+    p.write_bytes(_long_window_zst(data))
+    assert texts(rows(SourceConfig(path=str(p)))) == verses[:300]
+    with pytest.raises(SourceError, match=r"needs a 2,048 MiB decoding window.*"
+                                          r"zstd_max_window: 2147483648") as e:
+        rows(SourceConfig(path=str(p), zstd_max_window=1 << 27))
+    assert e.value.reason == "zstd_window" and "corrupt" not in str(e.value)
+    with pytest.raises(ValueError, match="zstd_max_window"):
+        SourceConfig(path=str(p), zstd_max_window=0)
