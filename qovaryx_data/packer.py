@@ -49,7 +49,8 @@ from qovaryx_data.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_SIZE, META_
 from qovaryx_data.manifest import (DATASET_JSON, PackManifest, load_manifest,
                                    read_dataset_json, write_dataset_json, write_json_atomic)
 from qovaryx_data.sources import NUM_DECISION_CLASSES
-from qovaryx_data.tokenizer import EOS_TOKEN, load_tokenizer, special_token_ids, tokenizer_hash
+from qovaryx_data.tokenizer import (EOS_TOKEN, TOKENIZER_FILE, TOKENIZER_FILES, load_tokenizer,
+                                    max_token_id, special_token_ids, tokenizer_hash)
 
 PACK_CODE_VERSION = 2          # bump when the packer's output for the same inputs changes
 SKIP_SAMPLE_LIMIT = 100        # (file, row, reason) examples kept in dataset.json
@@ -265,7 +266,8 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     work = out_dir / WORK_DIR
     _prepare_work_dir(work, fingerprint)
     _drop_parts_with_changed_images(work)
-    dtype = token_dtype(vocab_size)
+    max_id = max_token_id(tok)
+    dtype = token_dtype(max_id + 1)    # the largest id possible, not the count (ids may be sparse)
     settings = _Settings(m.tokenizer, tuple(configs), m.on_error, eos_id, m.min_tokens,
                          m.validation, dtype_name(dtype), image_spec, str(work))
     _remove_other_layout(out_dir, splits)
@@ -281,6 +283,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     image_files: dict[str, list] = {}   # path -> [path, size, mtime_ns], first read in unit order
     bar = _progress_bar(len(units), progress)
     docs_total = tokens_total = 0
+    source_skips = [Counter() for _ in configs]
     try:
         for k, stats in _run_units(units, settings, workers):
             if stats["ran"]:
@@ -288,6 +291,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
             part = _load_part(_part_path(work, k), image_spec.shape if image_spec else None)
             meta = part["meta"]
             skipped.update(meta["skipped"])
+            source_skips[units[k].source_index].update(meta["skipped"])
             room = SKIP_SAMPLE_LIMIT - len(samples)
             samples.extend(meta["samples"][:max(room, 0)])
             for path, size, mtime_ns in meta["image_files"]:
@@ -303,6 +307,8 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
             bar.set_postfix_str(f"docs={docs_total:,} tokens={tokens_total:,} "
                                 f"tok/s={tokens_total / max(time.perf_counter() - t0, 1e-9):,.0f}",
                                 refresh=False)
+        _check_empty_sources(configs, [sum(w.per_source[i]["documents"] for w in writers.values())
+                                       for i in range(len(configs))], source_skips)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -316,6 +322,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
         "created_by": f"qovaryx {_version()} (pack code {PACK_CODE_VERSION})",
         "name": m.name,
         "tokenizer": {"path": "tokenizer", "hash": tok_hash, "vocab_size": vocab_size,
+                      "max_id": max_id,
                       "special_tokens": special_token_ids(tok)},
         "dtype": dtype_name(dtype),
         "separator": {"policy": m.separator, "eos_id": eos_id},
@@ -338,6 +345,19 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     result.skipped = dict(sorted(skipped.items()))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_empty_sources(configs, documents: list[int], skips: list[Counter]) -> None:
+    """A source that contributed no document is almost always a mistake (a wrong path, format,
+    split or text_field): an error naming it, unless it says `allow_empty: true`."""
+    for i, (c, n) in enumerate(zip(configs, documents)):
+        if n == 0 and not c.allow_empty:
+            rows = ", ".join(f"{r} {why}" for why, r in sorted(skips[i].items()))
+            raise SourceError(
+                f"sources[{i}] ({c.path}): the source yields no documents "
+                f"({'rows skipped: ' + rows if rows else 'no rows at all'}); check its path, "
+                f"format, split and text_field, or set `allow_empty: true` on the source if an "
+                f"empty source is expected", path=str(c.path), reason="empty_source")
 
 
 def _remove_other_layout(out_dir: Path, splits: list[str]) -> None:
@@ -1035,17 +1055,18 @@ class _DatasetWriter:
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy the tokenizer folder's files (atomically: temp folder, then rename)."""
+    """Copy the tokenizer's files of the folder (tokenizer.TOKENIZER_FILES: a model folder's
+    weights and config are left behind), atomically: temp folder, then rename."""
     src = Path(src)
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if src.is_dir():
-        for p in sorted(src.iterdir()):
-            if p.is_file() and not p.name.startswith("."):
-                shutil.copyfile(p, tmp / p.name)
+        for name in sorted(TOKENIZER_FILES):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
     else:
-        shutil.copyfile(src, tmp / "tokenizer.json")
+        shutil.copyfile(src, tmp / TOKENIZER_FILE)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
 

@@ -53,6 +53,11 @@ META_FILE = "qovaryx_tokenizer.json"
 # train_bpe removes them from --out so the folder holds one tokenizer only.
 STALE_HF_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                   "tokenizer.model")
+# Every file that belongs to a tokenizer in a transformers-style folder (ours and other layouts):
+# a pack copies these (and nothing else, e.g. no weights) from a `tokenizer:` folder, and train-bpe
+# refuses an --out holding any of them from another tokenizer unless forced.
+TOKENIZER_FILES = (TOKENIZER_FILE, HF_CONFIG_FILE, META_FILE, *STALE_HF_FILES,
+                   "chat_template.jinja", "chat_template.json")
 META_FORMAT = "qovaryx-tokenizer"
 META_VERSION = 1                # major version of qovaryx_tokenizer.json; readers refuse another
 HASH_VERSION = 1                # version of the hash definition below; part of the hashed bytes
@@ -298,7 +303,14 @@ def _check_out_dir(out: Path, cfg: BpeConfig, force: bool) -> str | None:
     """
     if out.exists() and not out.is_dir():
         raise TokenizerError(f"--out {out} is a file; give a folder (it is created if missing)")
-    if force or not (out / TOKENIZER_FILE).exists():
+    if force:
+        return None
+    if not (out / TOKENIZER_FILE).exists():
+        other = [n for n in TOKENIZER_FILES if (out / n).exists()]
+        if other:   # e.g. a GPT-2 style vocab.json + merges.txt: train-bpe would delete them
+            raise TokenizerError(
+                f"--out {out} holds another tokenizer's files ({', '.join(other)}); train-bpe "
+                f"would replace them: choose another --out, or pass --force to replace them")
         return None
     try:
         old = load_tokenizer(out)
@@ -427,6 +439,18 @@ def _as_tokenizer(obj: Any):
         return _read_tokenizer_file(obj)[1]
     raise TypeError(f"tokenizer_hash: expected a tokenizers.Tokenizer, a transformers fast "
                     f"tokenizer or a path, got {type(obj).__name__}")
+
+
+def max_token_id(tok) -> int:
+    """The largest id `tok` (a tokenizers.Tokenizer) can produce: its vocabulary's and added
+    tokens' highest id. Ids need not be dense (a WordLevel vocabulary may hold 4 entries with
+    id 70,000 among them), so this, not the vocabulary count, decides the token dtype.
+
+        >>> max_token_id(load_tokenizer("tok"))      # doctest: +SKIP
+        20241
+    """
+    ids = tok.get_vocab(with_added_tokens=True).values()
+    return max(ids, default=0)
 
 
 def special_token_ids(tok) -> dict[str, int]:

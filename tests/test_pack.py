@@ -9,6 +9,7 @@ import fcntl
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,87 @@ def test_dtype_is_uint32_when_ids_exceed_uint16(tmp_path):
     assert ds[1].tokens.tolist() == [2, 65536, 0]
 
 
+def test_dtype_follows_the_largest_id_not_the_vocabulary_count(tmp_path):
+    """Sparse ids: a 4-entry WordLevel vocabulary with id 70,000 among them needs uint32 (the
+    count, 4, would say uint16 and overflow in a worker). DESIGN §2: the largest id possible."""
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, "low": 2, "high": 70_000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|endoftext|>"])
+    assert tok.get_vocab_size(with_added_tokens=True) == 4
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text("low high\nhigh\n")
+    m = write_manifest(tmp_path, tmp_path / "tok", [{"path": "t.txt", "split": "line"}])
+    pack(m, workers=2, progress=False)
+    ds = PackedDataset(tmp_path / "out")
+    assert ds.info["dtype"] == "uint32" and ds.info["tokenizer"]["max_id"] == 70_000
+    assert [ds[i].tokens.tolist() for i in range(2)] == [[2, 70_000, 0], [70_000, 0]]
+
+
+def test_tokenizer_from_a_model_folder_copies_only_the_tokenizer_files(small_tokenizer, tmp_path):
+    """`tokenizer:` may name a model folder (weights, config, tokenizer files side by side):
+    each dataset gets a copy of the tokenizer's files only, never the weights."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for p in small_tokenizer.iterdir():
+        (model / p.name).write_bytes(p.read_bytes())
+    (model / "model.safetensors").write_bytes(b"\0" * 4096)
+    (model / "config.json").write_text('{"model_type": "qovaryx"}')
+    (model / "generation_config.json").write_text("{}")
+    (tmp_path / "t.txt").write_text("a line\nanother line\n")
+    m = write_manifest(tmp_path, model, [{"path": "t.txt", "split": "line"}], validation=0.5)
+    pack(m, workers=1, progress=False)
+    for split in ("train", "val"):
+        copied = sorted(p.name for p in (tmp_path / "out" / split / "tokenizer").iterdir())
+        assert copied == sorted(p.name for p in small_tokenizer.iterdir())
+        info = json.loads((tmp_path / "out" / split / "dataset.json").read_text())
+        assert sorted(f for f in info["files"] if f.startswith("tokenizer/")) == [
+            f"tokenizer/{n}" for n in copied]
+
+
+def _empty_inputs(tmp_path: Path) -> dict[str, dict]:
+    """Sources that yield no document: an empty text file, a file of blank lines, an empty
+    .jsonl.zst and a zero-row parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_text("\n  \n\t\n\n")
+    (tmp_path / "empty.jsonl.zst").write_bytes(_zst(b""))
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "zero.parquet")
+    return {"empty.txt": {"split": "file"}, "blank.txt": {"split": "line"},
+            "empty.jsonl.zst": {}, "zero.parquet": {}}
+
+
+def test_a_source_without_documents_is_an_error_unless_it_allows_it(small_tokenizer, tmp_path):
+    empties = _empty_inputs(tmp_path)
+    (tmp_path / "good.txt").write_text("one verse\nanother verse\n")
+    good = {"path": "good.txt", "split": "line"}
+    for name, opts in empties.items():
+        m = write_manifest(tmp_path, small_tokenizer, [good, {"path": name, **opts}])
+        with pytest.raises(SourceError, match=rf"sources\[1\] \(.*{re.escape(name)}\): the source "
+                                              rf"yields no documents.*allow_empty: true") as e:
+            pack(m, workers=1, progress=False)
+        assert e.value.reason == "empty_source"
+        assert not (tmp_path / "out" / "dataset.json").exists()
+    allowed = [{"path": n, **o, "allow_empty": True} for n, o in empties.items()]
+    r = pack(write_manifest(tmp_path, small_tokenizer, [good, *allowed]), workers=2,
+             progress=False)
+    assert r.documents == 2
+    assert [s["documents"] for s in PackedDataset(tmp_path / "out").info["sources"]] == [2, 0, 0,
+                                                                                         0, 0]
+    # a whole pack of no documents: an error unless every source allows it
+    m = write_manifest(tmp_path, small_tokenizer, [allowed[0], {"path": "blank.txt",
+                                                                "split": "line"}])
+    with pytest.raises(SourceError, match=r"sources\[1\].*no documents \(rows skipped: 4 empty\)"):
+        pack(m, workers=1, progress=False)
+    m = write_manifest(tmp_path, small_tokenizer, allowed)
+    assert pack(m, workers=1, progress=False).documents == 0
+
+
 # ---------------------------------------------------------------------------- bad input
 
 def _zst(data: bytes) -> bytes:
@@ -293,7 +375,9 @@ def test_skip_counts_every_bad_row_by_reason(small_tokenizer, tmp_path):
         sub = tmp_path / reason
         sub.mkdir()
         name, opts = _bad_source(sub, reason)
-        sources.append({"path": f"{reason}/{name}", **opts})
+        # the truncated zst yields no document at all: an empty source must say it may be empty
+        sources.append({"path": f"{reason}/{name}", **opts,
+                        **({"allow_empty": True} if reason == "corrupt_zst" else {})})
     (tmp_path / "e.jsonl").write_text('{"text": ""}\n{"text": "   "}\n{"text": "kept"}\n\n')
     sources.append({"path": "e.jsonl"})
     m = write_manifest(tmp_path, small_tokenizer, sources, on_error="skip")
@@ -333,7 +417,8 @@ def test_special_token_text_inside_a_document_is_not_a_separator(small_tokenizer
 
 def test_all_rows_skipped_gives_an_empty_but_valid_dataset(small_tokenizer, tmp_path):
     (tmp_path / "e.jsonl").write_text('{"text": ""}\n{"nope": 1}\n')
-    m = write_manifest(tmp_path, small_tokenizer, [{"path": "e.jsonl"}], on_error="skip")
+    m = write_manifest(tmp_path, small_tokenizer, [{"path": "e.jsonl", "allow_empty": True}],
+                       on_error="skip")
     r = pack(m, workers=1, progress=False)
     assert r.documents == 0 and r.skipped == {"empty": 1, "missing_field": 1}
     ds = PackedDataset(tmp_path / "out")

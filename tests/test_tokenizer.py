@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -287,13 +288,32 @@ def test_deterministic_with_one_thread(kjv_lines, tmp_path):
         (tmp_path / "par" / "tokenizer.json").read_bytes()
 
 
-def test_stale_tokenizer_files_removed(kjv_lines, tmp_path):
+def test_out_holding_another_tokenizers_files_is_refused_unless_forced(kjv_lines, tmp_path):
+    """An --out with a GPT-2 style tokenizer (vocab.json + merges.txt + tokenizer_config.json, no
+    tokenizer.json) is another tokenizer: refused unless --force; forced, its files are replaced
+    (transformers would read them over ours) and other files are left alone. Any tokenizer file
+    counts."""
     out = tmp_path / "t"
     out.mkdir()
-    for name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
-        _write(out / name, '{"eos_token": "</s>"}')
+    _write(out / "vocab.json", '{"hello": 0}')
+    _write(out / "merges.txt", "#version: 0.2\nh e\n")
+    _write(out / "tokenizer_config.json", '{"tokenizer_class": "GPT2Tokenizer"}')
     _write(out / "notes.md", "mine")
-    train_bpe([str(kjv_lines)], out=out, vocab_size=300, split="line")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(TokenizerError, match=r"holds another tokenizer's files \(tokenizer_config"
+                                             r"\.json, vocab\.json, merges\.txt\).*--force"):
+        train_bpe([str(kjv_lines)], out=out, vocab_size=300, split="line")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = CliRunner().invoke(main, ["train-bpe", str(kjv_lines), "--out", str(out),
+                                  "--vocab-size", "300", "--split", "line"])
+    assert r.exit_code != 0 and "--force" in r.output
+    for name in ("special_tokens_map.json", "tokenizer.model"):
+        lone = tmp_path / name.split(".")[0]
+        lone.mkdir()
+        _write(lone / name, "{}")
+        with pytest.raises(TokenizerError, match=re.escape(name)):
+            train_bpe([str(kjv_lines)], out=lone, vocab_size=300, split="line")
+    train_bpe([str(kjv_lines)], out=out, vocab_size=300, split="line", force=True)
     assert sorted(p.name for p in out.iterdir()) == [
         "notes.md", "qovaryx_tokenizer.json", "tokenizer.json", "tokenizer_config.json"]
 
