@@ -87,7 +87,7 @@ class SourceConfig:
             raise ValueError("path: must be a non-empty file, folder or glob")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.split not in SPLITS and self.format not in (None, "hf"):
+        if self.split not in SPLITS and (self.format or _format_of_name(self.path)) not in (None, "hf"):
             raise ValueError(f"split: {self.split!r} is not one of {', '.join(SPLITS)} (any other "
                              f"name is a DatasetDict split, for hf sources only)")
         if not self.split:
@@ -150,14 +150,19 @@ def infer_format(path: Path) -> str:
             return "hf"
         raise SourceError(f"{path}: a folder that is not a `datasets` save_to_disk folder "
                           f"(no {' or '.join(_HF_MARKERS)})", path=str(path), reason="unknown_format")
-    name = path.name.lower()
-    for suffix, fmt in _SUFFIX_FORMATS:
-        if name.endswith(suffix):
-            return fmt
+    fmt = _format_of_name(path.name)
+    if fmt is not None:
+        return fmt
     raise SourceError(
         f"{path}: cannot tell the format from the name; use .txt, .jsonl, .jsonl.zst or .parquet, "
         f"or give the format explicitly (manifest `format:`, CLI --format)", path=str(path),
         reason="unknown_format")
+
+
+def _format_of_name(name: str) -> str | None:
+    """The format a file name's extension says (``a.jsonl.zst`` -> ``"jsonl.zst"``), else None."""
+    name = name.lower()
+    return next((fmt for suffix, fmt in _SUFFIX_FORMATS if name.endswith(suffix)), None)
 
 
 def _is_hf_folder(path: Path) -> bool:

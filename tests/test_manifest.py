@@ -47,7 +47,7 @@ def test_underscored_ints_as_in_the_issue(tmp_path):
     ({"sources": [{"format": "text"}]}, r"missing required key sources\[0\]\.'path'"),
     ({"sources": []}, r"sources: list at least one source"),
     ({"sources": [{"path": "a", "format": "csv"}]}, r"sources\[0\]\.format: 'csv' is not one of"),
-    ({"sources": [{"path": "a", "split": "word"}]}, r"split: 'word'"),
+    ({"sources": [{"path": "a.txt", "split": "word"}]}, r"split: 'word'"),
     ({"on_error": "ignore"}, r"on_error: 'ignore'"),
     ({"validation": 1.5}, r"validation: a share in \[0, 1\)"),
     ({"shard_tokens": 0}, r"shard_tokens: must be >= 1"),
