@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qovaryx_data.tokenizer import PAD_TOKEN, SPECIAL_TOKENS
+
 if TYPE_CHECKING:
     import torch
 
-PAD_ID = 1          # <|pad|> (docs/CONTRACTS.md special tokens)
+PAD_ID = SPECIAL_TOKENS.index(PAD_TOKEN)   # <|pad|>: its fixed id (docs/CONTRACTS.md), 1
 IGNORE_INDEX = -100  # HF convention: no loss
 
 

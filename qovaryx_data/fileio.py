@@ -44,3 +44,12 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Path]
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def stat_pair(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a file; (-1, -1) when it is missing or unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns

@@ -30,10 +30,12 @@ import xxhash
 
 from qovaryx_data.errors import FormatError
 
-FORMAT_NAME = "qovaryx-packed"
-FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
-FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+# The packed dataset format (docs/FORMAT.md); the model's checkpoint layout has its own version
+# (qovaryx_model.config).
+PACK_FORMAT_NAME = "qovaryx-packed"
+PACK_FORMAT_MAJOR = 1
+PACK_FORMAT_MINOR = 0
+PACK_FORMAT_VERSION = f"{PACK_FORMAT_MAJOR}.{PACK_FORMAT_MINOR}"
 
 HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sHHB3xQ3I28x")
@@ -57,6 +59,11 @@ META_FORMAT_VALUE = b"qovaryx-meta"
 META_VERSION_KEY = b"qovaryx.version"
 
 ALIGN = 8
+
+# image_files.json: (path, size, mtime_ns) of every image file a pack read
+IMAGE_FILES = "image_files.json"
+IMAGE_FILES_FORMAT = "qovaryx-image-files"
+IMAGE_FILES_VERSION = 1
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -111,7 +118,7 @@ class Header:
 def pack_header(kind: str, dtype: np.dtype, count: int,
                 item_shape: tuple[int, int, int] = (0, 0, 0)) -> bytes:
     """The 64 header bytes for a file of `kind` holding `count` items of `dtype`."""
-    return _HEADER.pack(MAGIC[kind], FORMAT_MAJOR, FORMAT_MINOR, _CODE_OF_DTYPE[np.dtype(dtype)],
+    return _HEADER.pack(MAGIC[kind], PACK_FORMAT_MAJOR, PACK_FORMAT_MINOR, _CODE_OF_DTYPE[np.dtype(dtype)],
                         count, *item_shape)
 
 
@@ -126,10 +133,10 @@ def parse_header(raw: bytes, path: str | Path, expect_kind: str) -> Header:
         found = _KIND_OF_MAGIC.get(magic)
         what = f"the magic of a {found} file" if found else f"magic {magic!r}"
         raise FormatError(f"{path}: found {what}, expected {want!r} ({expect_kind} file of "
-                          f"format {FORMAT_NAME}); the file is corrupt or not what dataset.json says")
-    if major != FORMAT_MAJOR:
+                          f"format {PACK_FORMAT_NAME}); the file is corrupt or not what dataset.json says")
+    if major != PACK_FORMAT_MAJOR:
         raise FormatError(f"{path}: format version {major}.{minor}, this reader supports major "
-                          f"version {FORMAT_MAJOR} (written as {FORMAT_VERSION}); re-pack the data "
+                          f"version {PACK_FORMAT_MAJOR} (written as {PACK_FORMAT_VERSION}); re-pack the data "
                           f"or use a matching qovaryx release")
     if code not in DTYPE_CODES:
         raise FormatError(f"{path}: unknown dtype code {code}, expected one of {sorted(DTYPE_CODES)}")
@@ -174,7 +181,7 @@ def meta_schema():
     return pa.schema([pa.field(name, pa.from_numpy_dtype(dt), nullable=null)
                       for name, dt, null in META_COLUMNS],
                      metadata={META_FORMAT_KEY: META_FORMAT_VALUE,
-                               META_VERSION_KEY: FORMAT_VERSION.encode()})
+                               META_VERSION_KEY: PACK_FORMAT_VERSION.encode()})
 
 
 def file_entry(path: Path) -> dict:

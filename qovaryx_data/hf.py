@@ -74,7 +74,7 @@ def _rows(ds: Any, ranges: list[tuple[int, int]], columns: tuple[str, ...]) -> I
             yield rec
 
 
-def _fingerprint(ds: Any) -> str:
+def _export_fingerprint(ds: Any) -> str:
     """Identity of the packed content (dataset.json holds every file's checksum)."""
     h = xxhash.xxh3_128(json.dumps(ds.info, sort_keys=True, default=str).encode())
     h.update(HF_EXPORT_VERSION.encode())
@@ -100,7 +100,7 @@ def to_hf(ds: Any, iterable: bool = False, *, cache_dir: str | None = None,
         return datasets.IterableDataset.from_generator(_shard_rows, features=features,
                                                        gen_kwargs=kwargs)
     return datasets.Dataset.from_generator(_rows, features=features, gen_kwargs=kwargs,
-                                           cache_dir=cache_dir, fingerprint=_fingerprint(ds))
+                                           cache_dir=cache_dir, fingerprint=_export_fingerprint(ds))
 
 
 def _shard_rows(ds: Any, ranges: list[list[tuple[int, int]]],

@@ -18,7 +18,7 @@ from typing import Any
 
 from qovaryx_data.errors import FormatError, ManifestError
 from qovaryx_data.fileio import atomic_write
-from qovaryx_data.format import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION
+from qovaryx_data.format import PACK_FORMAT_MAJOR, PACK_FORMAT_NAME, PACK_FORMAT_VERSION
 from qovaryx_data.sources import DEFAULT_UNIT_BYTES, DEFAULT_UNIT_ROWS, ON_ERROR, SourceConfig
 
 DATASET_JSON = "dataset.json"
@@ -186,12 +186,12 @@ def read_dataset_json(folder: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{p}: not valid JSON ({e}); re-run pack") from None
     fmt = info.get("format") if isinstance(info, dict) else None
-    if fmt != FORMAT_NAME:
-        raise FormatError(f"{p}: format {fmt!r}, expected {FORMAT_NAME!r}")
+    if fmt != PACK_FORMAT_NAME:
+        raise FormatError(f"{p}: format {fmt!r}, expected {PACK_FORMAT_NAME!r}")
     version = str(info.get("format_version", ""))
     major = version.split(".")[0]
-    if major != str(FORMAT_MAJOR):
+    if major != str(PACK_FORMAT_MAJOR):
         raise FormatError(f"{p}: format version {version!r}, this reader supports major version "
-                          f"{FORMAT_MAJOR} (writes {FORMAT_VERSION}); re-pack or use a matching "
+                          f"{PACK_FORMAT_MAJOR} (writes {PACK_FORMAT_VERSION}); re-pack or use a matching "
                           f"qovaryx release")
     return info

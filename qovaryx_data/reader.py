@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from qovaryx_data.errors import FormatError, TokenizerError
-from qovaryx_data.format import (FORMAT_MAJOR, HEADER_SIZE, META_COLUMNS, META_FORMAT_KEY,
+from qovaryx_data.format import (PACK_FORMAT_MAJOR, HEADER_SIZE, META_COLUMNS, META_FORMAT_KEY,
                                  META_FORMAT_VALUE, META_VERSION_KEY, file_entry, read_header)
 from qovaryx_data.manifest import DATASET_JSON, read_dataset_json
 from qovaryx_data.sources import NUM_DECISION_CLASSES
@@ -316,8 +316,8 @@ def _read_meta(path: Path) -> dict[str, np.ndarray]:
         raise FormatError(f"{path}: schema metadata {META_FORMAT_KEY.decode()}="
                           f"{md.get(META_FORMAT_KEY)!r}, expected {META_FORMAT_VALUE!r}")
     version = md.get(META_VERSION_KEY, b"").decode()
-    if version.split(".")[0] != str(FORMAT_MAJOR):
-        raise FormatError(f"{path}: metadata version {version!r}, expected major {FORMAT_MAJOR}")
+    if version.split(".")[0] != str(PACK_FORMAT_MAJOR):
+        raise FormatError(f"{path}: metadata version {version!r}, expected major {PACK_FORMAT_MAJOR}")
     out = {}
     if reader.num_record_batches == 1:
         batch = reader.get_batch(0)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from qovaryx_data.errors import FormatError, ManifestError
-from qovaryx_data.format import FORMAT_MAJOR, FORMAT_NAME
+from qovaryx_data.format import PACK_FORMAT_MAJOR, PACK_FORMAT_NAME
 from qovaryx_data.manifest import (PackManifest, SourceSpec, load_manifest, read_dataset_json,
                                    write_dataset_json)
 
@@ -96,7 +96,7 @@ def test_every_manifest_in_the_repo_loads_and_example_sets_every_option():
 
 
 def test_dataset_json_round_trip_and_refusals(tmp_path):
-    info = {"format": FORMAT_NAME, "format_version": f"{FORMAT_MAJOR}.7", "x": [1, 2]}
+    info = {"format": PACK_FORMAT_NAME, "format_version": f"{PACK_FORMAT_MAJOR}.7", "x": [1, 2]}
     write_dataset_json(tmp_path, info)
     assert read_dataset_json(tmp_path) == info          # a newer minor version is readable
     assert not list(tmp_path.glob(".*tmp*"))            # atomic write leaves no temp file

@@ -480,7 +480,7 @@ def test_switching_the_validation_split_replaces_the_old_layout(small_tokenizer,
 def test_chunked_units_give_the_same_bytes(text_corpus, fashion_mnist_dir, tmp_path, monkeypatch):
     """Rows are tokenized (and images decoded) chunk by chunk inside a unit: the chunk size,
     which bounds a worker's memory, never changes the output."""
-    import qovaryx_data.packer as P
+    import qovaryx_data.packing.units as P
     from fmnist import load_fashion_mnist, write_png_source
 
     images, labels = load_fashion_mnist(fashion_mnist_dir, 30)
