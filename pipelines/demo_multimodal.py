@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -143,8 +144,13 @@ def train_stage(args, name: str, weight: float) -> dict:
     if args.steps:
         overrides["target_tokens"] = args.steps * recipe.tokens_per_step
     say("train", f"{name}: calibration_loss_weight {weight}, {RECIPE.relative_to(REPO)}")
-    res = train(RECIPE, args.build / "packed", out=args.build / "runs" / name, overrides=overrides,
+    run = args.build / "runs" / name
+    if run.exists():
+        shutil.rmtree(run)  # an interrupted or outdated run: this stage trains from the start
+    res = train(RECIPE, args.build / "packed", out=run, overrides=overrides,
                 progress=sys.stderr.isatty())
+    if res.stopped_by_signal:  # SIGTERM: the trainer saved where it was; that is not a finished run
+        raise RuntimeError(f"stopped by a signal at step {res.step}; run the demo again to train from the start")
     last = [json.loads(line) for line in res.metrics.read_text(encoding="utf-8").splitlines()]
     steps = [r for r in last if not r.get("eval")]
     say("train", f"{name}: {res.step} steps in {res.seconds:.1f}s ({res.tokens_per_s:,.0f} tokens/s), final "

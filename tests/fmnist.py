@@ -1,4 +1,8 @@
-"""Fashion-MNIST test helpers: read the IDX files, write PNG images plus a JSONL source.
+"""Labelled-image test helpers: read (and write) IDX files, write PNG images plus a JSONL source.
+
+The images are Fashion-MNIST (../shared/images: 28x28 greyscale, labels 0..9) or, on a clone
+without ../shared, rendered price charts in the same layout (labels 0..3; tests/conftest.py
+`fashion_mnist_dir`). Tests assert only what holds for both.
 
 IDX (../shared/DATA.md): big-endian header -- magic (0x0803 images, 0x0801 labels), count, then
 rows and cols for images -- followed by uint8 data. Only the first `n` items are decompressed.
@@ -37,8 +41,21 @@ def read_idx(path: Path, n: int | None = None) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape((n, *shape))
 
 
+def write_idx(path: Path, data: np.ndarray, magic: int) -> None:
+    """Write `data` (uint8 (n, rows, cols) images with magic 0x0803, or (n,) labels with 0x0801) as
+    an IDX .gz file that `read_idx` reads back."""
+    if (magic, data.ndim) not in ((0x0803, 3), (0x0801, 1)) or data.dtype != np.uint8:
+        raise ValueError(f"{path}: IDX magic {magic:#x} takes uint8 {'images' if magic == 0x0803 else 'labels'}")
+    with gzip.open(path, "wb", mtime=0) as f:
+        f.write(struct.pack(">II", magic, len(data)))
+        if data.ndim == 3:
+            f.write(struct.pack(">II", *data.shape[1:]))
+        f.write(data.tobytes())
+
+
 def load_fashion_mnist(folder: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images (n, 28, 28) uint8, labels (n,) uint8 in 0..9) from the training split."""
+    """(images (n, 28, 28) uint8, labels (n,) uint8) from the training split: labels 0..9 for
+    Fashion-MNIST, 0..3 for the rendered-charts fallback."""
     images = read_idx(folder / "train-images-idx3-ubyte.gz", n)
     labels = read_idx(folder / "train-labels-idx1-ubyte.gz", n)
     return images, labels
