@@ -34,7 +34,7 @@ from qovaryx_data.errors import FormatError
 # (qovaryx_model.config).
 PACK_FORMAT_NAME = "qovaryx-packed"
 PACK_FORMAT_MAJOR = 1
-PACK_FORMAT_MINOR = 0
+PACK_FORMAT_MINOR = 1   # 1.1: source_files in a side file (docs/FORMAT.md "Versioning")
 PACK_FORMAT_VERSION = f"{PACK_FORMAT_MAJOR}.{PACK_FORMAT_MINOR}"
 
 HEADER_SIZE = 64
@@ -64,6 +64,11 @@ ALIGN = 8
 IMAGE_FILES = "image_files.json"
 IMAGE_FILES_FORMAT = "qovaryx-image-files"
 IMAGE_FILES_VERSION = 1
+# source_files.json (since 1.1): the files rows came from, indexed by the metadata column `file`;
+# read on demand (dataset.json stays O(shards), whatever the number of input files)
+SOURCE_FILES = "source_files.json"
+SOURCE_FILES_FORMAT = "qovaryx-source-files"
+SOURCE_FILES_VERSION = 1
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -166,7 +171,7 @@ def read_header(path: str | Path, expect_kind: str, *, check_size: bool = True) 
 # (column, numpy dtype, nullable): shard-NNNNN.meta.arrow, one row per document
 META_COLUMNS = (
     ("source", np.int16, False),            # index into dataset.json sources
-    ("file", np.int32, False),              # index into dataset.json source_files
+    ("file", np.int32, False),              # index into source_files (source_files.json)
     ("row", np.int64, False),               # row / line within that file
     ("decision", np.int8, True),            # class 0..3; null: no label
     ("decision_position", np.int32, True),  # index into the row's tokens; null: no label

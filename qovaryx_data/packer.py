@@ -37,18 +37,18 @@ from pathlib import Path
 import numpy as np
 
 from qovaryx_data.errors import ManifestError, QovaryxDataError, SourceError
-from qovaryx_data.format import (PACK_FORMAT_NAME, PACK_FORMAT_VERSION, IMAGE_FILES, dtype_name,
-                                 token_dtype)
+from qovaryx_data.format import (IMAGE_FILES, PACK_FORMAT_NAME, PACK_FORMAT_VERSION, SOURCE_FILES,
+                                 dtype_name, token_dtype)
 from qovaryx_data.manifest import DATASET_JSON, PackManifest, load_manifest, read_dataset_json
 from qovaryx_data.packing.plan import (LOCK_FILE, OWN_NAMES, PACK_CODE_VERSION, WORK_DIR,
                                        OutputLock, PackLockedError, PackSettings,
                                        image_files_unchanged, inputs_fingerprint, is_complete,
                                        plan_inputs, prepare_work_dir, refuse_foreign_output,
-                                       usable_cores)
-from qovaryx_data.packing.pool import PackWorkerError, run_units
+                                       resolve_sources, usable_cores)
+from qovaryx_data.packing.pool import PackWorkerError, rebuild_error, run_units
 from qovaryx_data.packing.units import (SKIP_SAMPLE_LIMIT, drop_parts_with_changed_images,
-                                        load_part, part_path)
-from qovaryx_data.sources import NUM_DECISION_CLASSES
+                                        is_line_range, load_part, part_path)
+from qovaryx_data.sources import NUM_DECISION_CLASSES, shift_rows
 from qovaryx_data.tokenizer import (EOS_TOKEN, load_tokenizer, max_token_id, special_token_ids,
                                     tokenizer_hash)
 from qovaryx_data.writer import SHARD_FILE, DatasetWriter
@@ -106,14 +106,11 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
             raise QovaryxDataError(f"{m.tokenizer}: the tokenizer has no {EOS_TOKEN} token, needed "
                                    f"by `separator: eos`; use a train-bpe tokenizer or "
                                    f"`separator: none`")
-    configs, units, files = plan_inputs(m)
-    _check_decision_labels(m, configs)   # after plan_inputs: hf ClassLabel names are filled in there
-    has_images = any(c.image_field for c in configs)
-    image_spec = m.image_spec() if has_images else None
-    fingerprint = inputs_fingerprint(m, tok_hash, files, configs)
+    inputs, files = resolve_sources(m)            # globs and stats: "up to date" reads nothing
+    fingerprint = inputs_fingerprint(m, tok_hash, files, inputs)
     splits = ["train", "val"] if m.validation > 0 else [""]
     folders = {s: out_dir / s if s else out_dir for s in splits}
-    result = PackResult(out_dir, folders, up_to_date=True, units=len(units))
+    result = PackResult(out_dir, folders, up_to_date=True)
 
     if (all(is_complete(f, fingerprint) for f in folders.values())
             and image_files_unchanged(folders.values())):
@@ -125,6 +122,10 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
         result.seconds = time.perf_counter() - t0
         return result
     result.up_to_date = False
+    configs, units = plan_inputs(m, inputs)
+    _check_decision_labels(m, configs)   # after plan_inputs: hf ClassLabel names are filled in there
+    has_images = any(c.image_field for c in configs)
+    image_spec = m.image_spec() if has_images else None
 
     work = out_dir / WORK_DIR
     prepare_work_dir(work, fingerprint)
@@ -132,7 +133,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     max_id = max_token_id(tok)
     dtype = token_dtype(max_id + 1)    # the largest id possible, not the count (ids may be sparse)
     settings = PackSettings(m.tokenizer, tuple(configs), m.on_error, eos_id, m.min_tokens,
-                         m.validation, dtype_name(dtype), image_spec, str(work))
+                            m.validation, dtype_name(dtype), image_spec, str(work))
     _remove_other_layout(out_dir, splits)
     for f in folders.values():  # an older, different dataset here is no longer complete
         f.mkdir(parents=True, exist_ok=True)
@@ -144,26 +145,35 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     samples: list[dict] = []
     file_ids: dict[str, int] = {}
     image_files: dict[str, list] = {}   # path -> [path, size, mtime_ns], first read in unit order
-    bar = _progress_bar(len(units), progress)
+    streamed = any(u.stream for u in units)   # their pieces are counted as they are decoded
+    bar = _progress_bar(None if streamed else len(units), progress)
     docs_total = tokens_total = 0
     source_skips = [Counter() for _ in configs]
+    lines = _LineNumbers()
     try:
-        for k, stats in run_units(units, settings, workers):
-            if stats["ran"]:
-                result.units_done += 1
-            part = load_part(part_path(work, k), image_spec.shape if image_spec else None)
+        for key, _, status, payload in run_units(units, settings, workers, m.unit_bytes):
+            unit = units[key[0]]
+            cfg = configs[unit.source_index]
+            delta = lines.delta(unit, cfg) if key[1] is None else 0
+            if status == "error":
+                raise rebuild_error(_shifted_error(payload, unit.path, delta))
+            result.units += 1
+            result.units_done += status == "ok"
+            part = load_part(part_path(work, key), image_spec.shape if image_spec else None)
             meta = part["meta"]
+            lines.advance(unit, cfg, meta["newlines"])
+            part["row"] += delta
             skipped.update(meta["skipped"])
-            source_skips[units[k].source_index].update(meta["skipped"])
+            source_skips[unit.source_index].update(meta["skipped"])
             room = SKIP_SAMPLE_LIMIT - len(samples)
-            samples.extend(meta["samples"][:max(room, 0)])
+            samples.extend(_shifted_sample(x, unit.path, delta) for x in meta["samples"][:max(room, 0)])
             for path, size, mtime_ns in meta["image_files"]:
                 image_files.setdefault(path, [path, size, mtime_ns])
             fids = np.array([file_ids.setdefault(p, len(file_ids)) for p in meta["files"]],
                             dtype=np.int32)
             for si, s in enumerate(splits):
                 sel = part["split"] == si if len(splits) > 1 else slice(None)
-                n_docs = writers[s].add(part, sel, fids, units[k].source_index)
+                n_docs = writers[s].add(part, sel, fids, unit.source_index)
                 docs_total += n_docs
             tokens_total += int(part["lengths"].sum())
             bar.update(1)
@@ -192,7 +202,6 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
         "images": ({"shape": list(image_spec.shape), **image_spec.to_dict()}
                    if image_spec is not None else None),
         "decision": _decision_info(configs),
-        "source_files": source_files,
         "skipped": dict(sorted(skipped.items())),
         "skipped_sample": samples,
         "fingerprint": fingerprint,
@@ -200,7 +209,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     }
     for s in splits:
         writers[s].finish(common, split=s or None, tokenizer_src=Path(m.tokenizer),
-                          image_files=list(image_files.values()),
+                          image_files=list(image_files.values()), source_files=source_files,
                           sources=[str(c.path) for c in configs])
     shutil.rmtree(work, ignore_errors=True)
     result.documents = docs_total
@@ -208,6 +217,42 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     result.skipped = dict(sorted(skipped.items()))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+class _LineNumbers:
+    """File line numbers for units planned without them (`plan_units(count_lines=False)`): a
+    worker numbers the rows of its byte range from 1 and records the range's newlines; the
+    assembler, which sees a file's ranges in order, adds the newlines of the ranges before."""
+
+    def __init__(self) -> None:
+        self.next_line: dict[str, int] = {}   # path -> line number where its next range starts
+
+    def delta(self, unit, cfg) -> int:
+        """Lines to add to the rows (and messages) of `unit`'s part."""
+        if not is_line_range(unit, cfg):
+            return 0
+        if unit.first_row is not None:         # a file's first range is numbered at planning
+            self.next_line[unit.path] = unit.first_row
+            return 0
+        return self.next_line[unit.path] - 1
+
+    def advance(self, unit, cfg, newlines: int) -> None:
+        if is_line_range(unit, cfg):
+            self.next_line[unit.path] += newlines
+
+
+def _shifted_error(payload: dict, path: str, delta: int) -> dict:
+    if delta and payload.get("path") == path and payload.get("row") is not None:
+        payload = {**payload, "row": payload["row"] + delta,
+                   "message": shift_rows(payload["message"], path, delta)}
+    return payload
+
+
+def _shifted_sample(sample: dict, path: str, delta: int) -> dict:
+    if delta and sample["path"] == path and sample["row"] is not None:
+        sample = {**sample, "row": sample["row"] + delta,
+                  "message": shift_rows(sample["message"], path, delta)}
+    return sample
 
 
 def _check_empty_sources(configs, documents: list[int], skips: list[Counter]) -> None:
@@ -233,6 +278,7 @@ def _remove_other_layout(out_dir: Path, splits: list[str]) -> None:
     elif (out_dir / DATASET_JSON).is_file():
         (out_dir / DATASET_JSON).unlink()
         (out_dir / IMAGE_FILES).unlink(missing_ok=True)
+        (out_dir / SOURCE_FILES).unlink(missing_ok=True)
         for p in out_dir.glob("shard-*"):
             if SHARD_FILE.fullmatch(p.name) and p.is_file():
                 p.unlink()
@@ -275,7 +321,7 @@ def _decision_info(configs) -> dict | None:
     return {"num_classes": NUM_DECISION_CLASSES, "labels": names}
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int | None, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="unit", desc="pack", file=sys.stderr, disable=not enabled,

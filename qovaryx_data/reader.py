@@ -14,6 +14,7 @@ Arrow file of a shard on its first use.
 """
 from __future__ import annotations
 
+import json
 import operator
 import os
 from bisect import bisect_right
@@ -24,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from qovaryx_data.errors import FormatError, TokenizerError
-from qovaryx_data.format import (PACK_FORMAT_MAJOR, HEADER_SIZE, META_COLUMNS, META_FORMAT_KEY,
-                                 META_FORMAT_VALUE, META_VERSION_KEY, file_entry, read_header)
+from qovaryx_data.format import (HEADER_SIZE, META_COLUMNS, META_FORMAT_KEY, META_FORMAT_VALUE,
+                                 META_VERSION_KEY, PACK_FORMAT_MAJOR, SOURCE_FILES_FORMAT,
+                                 SOURCE_FILES_VERSION, file_entry, read_header)
 from qovaryx_data.manifest import DATASET_JSON, read_dataset_json
 from qovaryx_data.sources import NUM_DECISION_CLASSES
 
@@ -115,7 +117,17 @@ class PackedDataset:
         dec = info.get("decision") or {}
         self.decision_names = dec.get("labels")
         self.num_decision_classes = dec.get("num_classes", NUM_DECISION_CLASSES)
-        self._source_files = info["source_files"]
+        self._source_files: list[str] | None = None   # read on first use (source_files)
+
+    @property
+    def source_files(self) -> list[str]:
+        """The files rows came from (`Document.source`), indexed by the metadata column `file`.
+
+        Format 1.1 keeps them in ``source_files.json``, read here on first use (so opening stays
+        O(shards) however many files were packed); 1.0 datasets list them in dataset.json."""
+        if self._source_files is None:
+            self._source_files = _read_source_files(self.path, self.info)
+        return self._source_files
 
     def _check_tokenizer(self, tokenizer: Any) -> None:
         from qovaryx_data.tokenizer import tokenizer_hash
@@ -167,7 +179,7 @@ class PackedDataset:
         dec = int(m["decision"][j])
         pos = int(m["decision_position"][j])
         return Document(tokens, image, dec if dec >= 0 else None, pos if pos >= 0 else None,
-                        self._source_files[int(m["file"][j])], int(m["row"][j]))
+                        self.source_files[int(m["file"][j])], int(m["row"][j]))
 
     def __iter__(self):
         for i in range(len(self)):
@@ -298,6 +310,24 @@ class PackedDataset:
         from qovaryx_data.hf import to_hf
 
         return to_hf(self, iterable=iterable)
+
+
+def _read_source_files(folder: Path, info: dict) -> list[str]:
+    entry = info.get("source_files")
+    if isinstance(entry, list):   # format 1.0: inline
+        return entry
+    p = folder / str(entry)
+    try:
+        rec = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{p}: unreadable ({e}); dataset.json lists it as the source files: "
+                          f"the dataset is damaged, re-run pack") from None
+    got = (rec.get("format"), rec.get("version")) if isinstance(rec, dict) else (None, None)
+    if got != (SOURCE_FILES_FORMAT, SOURCE_FILES_VERSION):
+        raise FormatError(f"{p}: format {got[0]!r} version {got[1]!r}, expected "
+                          f"{SOURCE_FILES_FORMAT!r} version {SOURCE_FILES_VERSION}; re-run pack "
+                          f"or use a matching qovaryx release")
+    return rec["files"]
 
 
 def _read_meta(path: Path) -> dict[str, np.ndarray]:

@@ -30,6 +30,8 @@ def _decode(data: bytes, cfg: SourceConfig, path: str, line: int) -> str | Sourc
 
 
 def _read_range(unit: WorkUnit) -> bytes:
+    if unit.data is not None:   # a decoded piece of a stream unit
+        return unit.data
     with open(unit.path, "rb") as fh:
         fh.seek(unit.start)
         return fh.read(unit.end - unit.start)
@@ -42,9 +44,9 @@ def _read_text(unit: WorkUnit, cfg: SourceConfig) -> Iterator[Row | SourceError]
         yield text if isinstance(text, SourceError) else Row(text, unit.path, 1)
     elif cfg.split == "line":
         for i, raw in enumerate(_split_lines(data)):
-            yield from _text_row(raw[:-1] if raw.endswith(b"\r") else raw, cfg, unit.path, unit.first_row + i)
+            yield from _text_row(raw[:-1] if raw.endswith(b"\r") else raw, cfg, unit.path, unit.first_line + i)
     else:  # paragraph
-        pos, line = 0, unit.first_row
+        pos, line = 0, unit.first_line
         for m in _PARAGRAPH_SEP.finditer(data):
             yield from _text_row(data[pos:m.start()], cfg, unit.path, line, blank_is_separator=True)
             line += data.count(b"\n", pos, m.end())
@@ -71,13 +73,49 @@ def _split_lines(data: bytes) -> list[bytes]:
 
 def _read_jsonl(unit: WorkUnit, cfg: SourceConfig) -> Iterator[Row | SourceError]:
     for i, raw in enumerate(_split_lines(_read_range(unit))):
-        yield from _json_row(raw, cfg, unit.path, unit.first_row + i)
+        yield from _json_row(raw, cfg, unit.path, unit.first_line + i)
+    if unit.trailing_error is not None:   # the decoding error that ended a stream unit's piece
+        message, row, reason = unit.trailing_error
+        yield SourceError(message, path=unit.path, row=row, reason=reason)
+
+
+def decoded_units(unit: WorkUnit, cfg: SourceConfig, piece_bytes: int) -> Iterator[WorkUnit]:
+    """A stream unit (a large .jsonl.zst) decoded once, in order, as pieces of about
+    `piece_bytes` decoded bytes, each cut just after the first newline at or past `piece_bytes`
+    (so the cuts depend only on the decoded text): format "jsonl" units holding their lines
+    (`data`) and their first line number. A decoding error ends the last piece (its
+    `trailing_error`), after every complete line before it, as `_read_jsonl_zst` does.
+
+    >>> # decoded b'a\\nbb\\nccc\\n' with piece_bytes=2 -> pieces b'a\\nbb\\n' (lines 1-2), b'ccc\\n' (3)
+    """
+    def piece(data: bytes, line: int, error=None) -> WorkUnit:
+        return WorkUnit(unit.source_index, unit.path, "jsonl", unit.start, unit.end, line,
+                        data=data, trailing_error=error)
+
+    buf, line = b"", 1
+    try:
+        for chunk in zst_chunks(unit.path, cfg.zstd_max_window):
+            buf += chunk
+            while len(buf) >= piece_bytes:
+                cut = buf.find(b"\n", piece_bytes - 1) + 1
+                if cut == 0:
+                    break
+                yield piece(buf[:cut], line)
+                line += buf.count(b"\n", 0, cut)
+                buf = buf[cut:]
+    except ZstdReadError as e:
+        whole = buf.rfind(b"\n") + 1              # the line in progress is not read, as before
+        err = e.source_error(unit.path, line + buf.count(b"\n", 0, whole))
+        yield piece(buf[:whole], line, (str(err), err.row, err.reason))
+        return
+    if buf:
+        yield piece(buf, line)
 
 
 def _read_jsonl_zst(unit: WorkUnit, cfg: SourceConfig) -> Iterator[Row | SourceError]:
     line, pending = 1, b""
     try:
-        for chunk in _zst_chunks(unit.path, cfg.zstd_max_window):
+        for chunk in zst_chunks(unit.path, cfg.zstd_max_window):
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
             for raw in lines:
@@ -116,7 +154,7 @@ def _mib(n: int | None) -> str:
     return f"{(n or 0) / (1 << 20):,.0f} MiB" if (n or 0) >= 1 << 20 else f"{n} bytes"
 
 
-def _zst_chunks(path: str, max_window: int = ZSTD_MAX_WINDOW,
+def zst_chunks(path: str, max_window: int = ZSTD_MAX_WINDOW,
                 read_size: int = 1 << 20) -> Iterator[bytes]:
     """Decompressed chunks of a (multi-frame) zstd file. Raises ZstdReadError for corrupt data, a
     file that ends inside a frame, or a frame whose window exceeds `max_window` bytes.
@@ -268,7 +306,7 @@ def _columns(cfg: SourceConfig) -> list[str]:
 def _read_parquet(unit: WorkUnit, cfg: SourceConfig) -> Iterator[Row | SourceError]:
     import pyarrow.parquet as pq
 
-    row = unit.first_row
+    row = unit.first_line
     try:
         pf = pq.ParquetFile(unit.path)
         cols = [c for c in _columns(cfg) if c in pf.schema_arrow.names]

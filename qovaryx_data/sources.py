@@ -2,8 +2,8 @@
 
 A source (one `sources:` entry of a pack manifest, or one `train-bpe` input) is resolved to files,
 each file is cut into deterministic `WorkUnit`s that do not depend on shard size or worker count,
-and `iter_unit` streams one unit's rows (the readers of each format are in readers.py). The packer maps units over a process pool; `train-bpe`
-walks them in order through `iter_texts`.
+and `iter_unit` streams one unit's rows (the readers of each format are in readers.py). The
+packer maps units over a process pool; `train-bpe` walks them in order through `iter_texts`.
 
 Unit kinds (``start``/``end`` mean different things per format, always end-exclusive):
 
@@ -19,6 +19,12 @@ parquet            whole row groups, ~unit_rows rows     row-group indices
 hf (save_to_disk)  ~unit_rows rows                       row indices
 =================  ====================================  =========================================
 
+Whole files smaller than ``unit_bytes`` (text ``file``, small jsonl / jsonl.zst files) are
+grouped, in order, into one unit of about ``unit_bytes`` (`WorkUnit.members`): a corpus of many
+small files makes few units. A ``.jsonl.zst`` file of ``unit_bytes`` or more is a *stream* unit:
+the packer decodes it once, in order, and cuts the decoded lines into pieces of about
+``unit_bytes`` (`readers.decoded_units`) that its workers tokenize in parallel.
+
 Example: a 2.5 MiB line-split file with ``unit_bytes=1 MiB`` gives three units whose byte ranges
 start at 0 and just after the first newline at or past 1 MiB and 2 MiB; every line belongs to
 exactly one unit (the one its first byte falls in).
@@ -29,7 +35,7 @@ import functools
 import glob as _glob
 import io
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -118,7 +124,21 @@ class WorkUnit:
     format: str  # resolved format of this file
     start: int  # byte offset, row-group index or row index (see the module docstring)
     end: int  # exclusive
-    first_row: int = 1  # line number (1-based) at `start` for line formats; row index for parquet/hf
+    # line number (1-based) at `start` for line formats; row index for parquet/hf. None: not
+    # counted at planning (plan_units(count_lines=False)): the unit's rows are numbered from 1 and
+    # the caller adds the lines before `start` (the `unit_newlines` of the file's earlier units)
+    first_row: int | None = 1
+    members: tuple[WorkUnit, ...] = ()  # a group of small whole files, read in this order
+    stream: bool = False  # a large .jsonl.zst: the packer decodes it once (readers.decoded_units)
+    # a decoded piece of a stream unit (format "jsonl"): its lines, and the decoding error
+    # (message, row, reason) that ends it, if any
+    data: bytes | None = field(default=None, repr=False, compare=False)
+    trailing_error: tuple[str, int, str] | None = None
+
+    @property
+    def first_line(self) -> int:
+        """The line (1-based) or row number of the unit's first row as the readers count it."""
+        return 1 if self.first_row is None else self.first_row
 
 
 @dataclass
@@ -212,9 +232,11 @@ def _known_file(f: Path, format: str | None) -> bool:
 
 def plan_units(cfg: SourceConfig, source_index: int = 0, base_dir: Path | None = None,
                unit_bytes: int = DEFAULT_UNIT_BYTES, unit_rows: int = DEFAULT_UNIT_ROWS, *,
-               files: list[Path] | None = None) -> list[WorkUnit]:
+               files: list[Path] | None = None, count_lines: bool = True) -> list[WorkUnit]:
     """Cut one source into work units (see the module docstring). Deterministic for the same files.
-    `files`: the source's `resolve_inputs`, when the caller already has them."""
+    `files`: the source's `resolve_inputs`, when the caller already has them. `count_lines=False`
+    leaves `first_row` None on every unit but a file's first (no pass over the file here: the
+    packer's workers count each unit's newlines, `unit_newlines`)."""
     if unit_bytes < 1 or unit_rows < 1:
         raise ValueError("unit_bytes and unit_rows must be positive")
     units: list[WorkUnit] = []
@@ -230,11 +252,50 @@ def plan_units(cfg: SourceConfig, source_index: int = 0, base_dir: Path | None =
             units.extend(_plan_parquet(cfg, source_index, f, unit_rows))
         elif fmt == "jsonl.zst" or (fmt == "text" and cfg.split == "file"):
             _check_readable(f)
-            units.append(WorkUnit(source_index, str(f), fmt, 0, f.stat().st_size, 1))
+            size = f.stat().st_size
+            units.append(WorkUnit(source_index, str(f), fmt, 0, size, 1,
+                                  stream=fmt == "jsonl.zst" and size >= unit_bytes))
         else:  # line-structured: text line/paragraph, jsonl
             sep = _PARAGRAPH_SEP if (fmt == "text" and cfg.split == "paragraph") else None
-            units.extend(_plan_bytes(source_index, f, fmt, unit_bytes, sep))
-    return units
+            units.extend(_plan_bytes(source_index, f, fmt, unit_bytes, sep, count_lines))
+    return _group_small_files(units, unit_bytes)
+
+
+def _group_small_files(units: list[WorkUnit], unit_bytes: int) -> list[WorkUnit]:
+    """Runs of whole files smaller than unit_bytes become groups of about unit_bytes (in order).
+
+    >>> # files of 300, 500, 400 and 2,000 bytes with unit_bytes=1,000
+    >>> # -> a group [300, 500, 400] (1,200 bytes: it closed once it reached 1,000), then [2,000]
+    """
+    out: list[WorkUnit] = []
+    run: list[WorkUnit] = []
+    size = 0
+
+    def close() -> None:
+        nonlocal size
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            first = run[0]
+            out.append(WorkUnit(first.source_index, first.path, first.format, 0, first.end,
+                                first.first_row, members=tuple(run)))
+        run.clear()
+        size = 0
+
+    for u in units:
+        # a byte range that starts at 0 and ends before unit_bytes is a whole file (a larger
+        # file's first range ends at or past unit_bytes)
+        small = u.format in ("text", "jsonl", "jsonl.zst") and u.start == 0 and u.end < unit_bytes
+        if not small:
+            close()
+            out.append(u)
+            continue
+        run.append(u)
+        size += u.end
+        if size >= unit_bytes:
+            close()
+    close()
+    return out
 
 
 def _check_readable(f: Path) -> None:
@@ -247,7 +308,8 @@ def _check_readable(f: Path) -> None:
         raise SourceError(f"{f}: cannot be read ({e.strerror})", path=str(f), reason="unreadable") from None
 
 
-def _plan_bytes(si: int, f: Path, fmt: str, unit_bytes: int, sep: re.Pattern | None) -> list[WorkUnit]:
+def _plan_bytes(si: int, f: Path, fmt: str, unit_bytes: int, sep: re.Pattern | None,
+                count_lines: bool = True) -> list[WorkUnit]:
     """Byte ranges of ~unit_bytes, each cut just after a newline (or a blank-line separator)."""
     _check_readable(f)
     size = f.stat().st_size
@@ -259,6 +321,9 @@ def _plan_bytes(si: int, f: Path, fmt: str, unit_bytes: int, sep: re.Pattern | N
                 break
             cuts.append(cut)
         cuts.append(size)
+        if not count_lines:
+            return [WorkUnit(si, str(f), fmt, a, b, 1 if a == 0 else None)
+                    for a, b in zip(cuts[:-1], cuts[1:])]
         # line number at each cut: one streaming pass counting newlines
         lines, first_rows, pos = 1, [], 0
         fh.seek(0)
@@ -418,6 +483,10 @@ def iter_unit(unit: WorkUnit, cfg: SourceConfig, on_error: str = "fail") -> Iter
     empty rows (no text, image or label) are always yielded as ``Skipped(reason="empty")``."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error {on_error!r} must be one of {ON_ERROR}")
+    if unit.members:   # a group of small files
+        for member in unit.members:
+            yield from iter_unit(member, cfg, on_error)
+        return
     from qovaryx_data.readers import READERS
 
     for item in READERS[unit.format](unit, cfg):
@@ -429,6 +498,34 @@ def iter_unit(unit: WorkUnit, cfg: SourceConfig, on_error: str = "fail") -> Iter
             yield Skipped(item.path, item.row, "empty", f"{item.path} row {item.row}: empty document")
         else:
             yield item
+
+
+def unit_newlines(unit: WorkUnit) -> int:
+    """Newlines in a byte-range unit (the packer's workers count them, so that planning need not
+    read the file: the next unit of the file starts that many lines later)."""
+    n, pos = 0, unit.start
+    with open(unit.path, "rb") as fh:
+        fh.seek(pos)
+        while pos < unit.end:
+            chunk = fh.read(min(1 << 22, unit.end - pos))
+            if not chunk:
+                break
+            n += chunk.count(b"\n")
+            pos += len(chunk)
+    return n
+
+
+def shift_rows(message: str, path: str, delta: int) -> str:
+    """`message` about a row of `path` numbered within its unit, renumbered by `delta` lines:
+    every "PATH line N" / "PATH row N" becomes N + delta (messages name rows that way).
+
+    >>> shift_rows("/d/a.txt line 3: invalid UTF-8", "/d/a.txt", 100)
+    '/d/a.txt line 103: invalid UTF-8'
+    """
+    if not delta:
+        return message
+    pattern = re.compile(re.escape(path) + r" (line|row) (\d+)\b")
+    return pattern.sub(lambda m: f"{path} {m.group(1)} {int(m.group(2)) + delta}", message)
 
 
 def iter_texts(inputs: list[str], *, format: str | None = None, split: str = "file",

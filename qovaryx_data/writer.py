@@ -17,14 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from qovaryx_data.format import (HEADER_SIZE, IMAGE_FILES, IMAGE_FILES_FORMAT, IMAGE_FILES_VERSION,
-                                 META_COLUMNS, file_entry, meta_schema, pack_header, padded)
+                                 META_COLUMNS, SOURCE_FILES, SOURCE_FILES_FORMAT,
+                                 SOURCE_FILES_VERSION, file_entry, meta_schema, pack_header,
+                                 padded)
 from qovaryx_data.manifest import write_dataset_json, write_json_atomic
 from qovaryx_data.sources import NUM_DECISION_CLASSES
 from qovaryx_data.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES
 
 SHARD_FILE = re.compile(r"shard-\d{5}\.(tok|idx|meta\.arrow|img)")
 _OWN_TEMP = re.compile(r"\.(shard-\d{5}\.(tok|idx|meta\.arrow|img)\.tmp|"
-                       r"(dataset|image_files)\.json\.tmp-\d+)")
+                       r"(dataset|image_files|source_files)\.json\.tmp-\d+)")
 
 
 def _meta_batch(cols: dict[str, np.ndarray]):
@@ -202,7 +204,7 @@ class DatasetWriter:
             self.cur = None
 
     def finish(self, common: dict, *, split: str | None, tokenizer_src: Path,
-               sources: list[str], image_files: list) -> None:
+               sources: list[str], image_files: list, source_files: list[str]) -> None:
         if self.cur is not None and (self.cur.n_docs or not self.shards):
             self.shards.append(self.cur.close())
         elif self.cur is not None:
@@ -214,6 +216,9 @@ class DatasetWriter:
             self.cur = None
         copy_tokenizer(tokenizer_src, self.folder / "tokenizer")
         remove_stale(self.folder, self.shards)
+        write_json_atomic(self.folder / SOURCE_FILES,
+                          {"format": SOURCE_FILES_FORMAT, "version": SOURCE_FILES_VERSION,
+                           "files": source_files})
         if image_files:
             write_json_atomic(self.folder / IMAGE_FILES,
                               {"format": IMAGE_FILES_FORMAT, "version": IMAGE_FILES_VERSION,
@@ -225,6 +230,7 @@ class DatasetWriter:
             for key in ("tokens", "offsets", "meta", "images"):
                 if sh[key]:
                     files[sh[key]] = file_entry(self.folder / sh[key])
+        files[SOURCE_FILES] = file_entry(self.folder / SOURCE_FILES)
         if image_files:
             files[IMAGE_FILES] = file_entry(self.folder / IMAGE_FILES)
         for p in sorted((self.folder / "tokenizer").iterdir()):
@@ -240,6 +246,7 @@ class DatasetWriter:
             "sources": [{"path": p, **st} for p, st in zip(sources, self.per_source)],
             "shards": self.shards,
             "image_files": IMAGE_FILES if image_files else None,
+            "source_files": SOURCE_FILES,
             "files": files,
         })
         write_dataset_json(self.folder, info)

@@ -10,7 +10,8 @@ import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from qovaryx_data.errors import FormatError
-from qovaryx_data.format import HEADER_SIZE, pack_header, parse_header, read_header, token_dtype
+from qovaryx_data.format import (HEADER_SIZE, file_entry, pack_header, parse_header, read_header,
+                                 token_dtype)
 from qovaryx_data.packer import pack
 
 
@@ -33,10 +34,10 @@ def tiny(tmp_path):
 def test_token_and_offset_files_byte_for_byte(tiny):
     tok = (tiny / "shard-00000.tok").read_bytes()
     # 6 tokens: alpha beta gamma <eot> gamma <eot>, uint16 (code 2), then 4 bytes of padding
-    assert tok == (b"QVXTOK\0\0" + struct.pack("<HHB3xQ3I28x", 1, 0, 2, 6, 0, 0, 0)
+    assert tok == (b"QVXTOK\0\0" + struct.pack("<HHB3xQ3I28x", 1, 1, 2, 6, 0, 0, 0)
                    + np.array([2, 3, 4, 0, 4, 0], "<u2").tobytes() + b"\0" * 4)
     idx = (tiny / "shard-00000.idx").read_bytes()
-    assert idx == (b"QVXIDX\0\0" + struct.pack("<HHB3xQ3I28x", 1, 0, 4, 3, 0, 0, 0)
+    assert idx == (b"QVXIDX\0\0" + struct.pack("<HHB3xQ3I28x", 1, 1, 4, 3, 0, 0, 0)
                    + np.array([0, 4, 6], "<i8").tobytes())
     assert len(idx) % 8 == 0 and HEADER_SIZE % 8 == 0
 
@@ -58,3 +59,34 @@ def test_header_helpers_and_dtype_rule(tmp_path):
         read_header(p, "tokens")
     with pytest.raises(FormatError, match=r"short.tok.gone: missing"):
         read_header(tmp_path / "short.tok.gone", "tokens")
+
+
+def test_a_format_1_0_dataset_still_opens(tiny):
+    """Format 1.0 listed source_files inline in dataset.json and wrote minor version 0 in the
+    headers; 1.1 readers open it (a minor version adds only what an older reader may ignore)."""
+    import json
+
+    from qovaryx_data import PackedDataset, verify
+
+    info = json.loads((tiny / "dataset.json").read_text())
+    side = json.loads((tiny / "source_files.json").read_text())
+    assert side == {"format": "qovaryx-source-files", "version": 1,
+                    "files": [str((tiny.parent / "t.txt").resolve())]}
+    for name in ("shard-00000.tok", "shard-00000.idx"):          # headers as 1.0 wrote them
+        raw = bytearray((tiny / name).read_bytes())
+        raw[10:12] = struct.pack("<H", 0)
+        (tiny / name).write_bytes(bytes(raw))
+    (tiny / "source_files.json").unlink()
+    del info["files"]["source_files.json"]
+    for name in ("shard-00000.tok", "shard-00000.idx"):
+        info["files"][name] = file_entry(tiny / name)
+    info.update(format_version="1.0", source_files=side["files"])
+    (tiny / "dataset.json").write_text(json.dumps(info))
+    ds = PackedDataset(tiny)
+    assert read_header(tiny / "shard-00000.tok", "tokens").minor == 0
+    assert [(d.tokens.tolist(), d.source, d.row) for d in ds] == [
+        ([2, 3, 4, 0], side["files"][0], 1), ([4, 0], side["files"][0], 2)]
+    assert verify(tiny).ok
+    (tiny / "dataset.json").write_text(json.dumps({**info, "source_files": "source_files.json"}))
+    with pytest.raises(FormatError, match=r"source_files\.json: unreadable"):
+        PackedDataset(tiny)[0]

@@ -203,7 +203,7 @@ def test_magic_and_version_mismatch_are_refused(damaged):
     data[:8] = b"QVXTOK\0\0"
     data[8] = 2                                                  # major version 2
     p.write_bytes(bytes(data))
-    with pytest.raises(FormatError, match=r"format version 2.0, this reader supports major "
+    with pytest.raises(FormatError, match=r"format version 2.1, this reader supports major "
                                           r"version 1"):
         PackedDataset(damaged)
 

@@ -21,12 +21,12 @@ import xxhash
 
 from qovaryx_data.errors import QovaryxDataError
 from qovaryx_data.fileio import atomic_write, stat_pair
-from qovaryx_data.format import (PACK_FORMAT_NAME, PACK_FORMAT_VERSION, IMAGE_FILES, IMAGE_FILES_FORMAT,
-                                 IMAGE_FILES_VERSION)
+from qovaryx_data.format import (IMAGE_FILES, IMAGE_FILES_FORMAT, IMAGE_FILES_VERSION,
+                                 PACK_FORMAT_NAME, PACK_FORMAT_VERSION, SOURCE_FILES)
 from qovaryx_data.manifest import DATASET_JSON, PackManifest, read_dataset_json
 
 
-PACK_CODE_VERSION = 2          # bump when the packer's output for the same inputs changes
+PACK_CODE_VERSION = 3          # bump when the packer's output for the same inputs changes
 WORK_DIR = ".work"
 LOCK_FILE = ".pack.lock"
 
@@ -36,8 +36,8 @@ class PackLockedError(QovaryxDataError):
 
 
 # What a pack writes into its output folder, and the only names it ever replaces or deletes there.
-OWN_NAMES = (DATASET_JSON, "shard-NNNNN.{tok,idx,meta.arrow,img}", IMAGE_FILES, "tokenizer/",
-             "train/", "val/", WORK_DIR + "/", LOCK_FILE)
+OWN_NAMES = (DATASET_JSON, "shard-NNNNN.{tok,idx,meta.arrow,img}", IMAGE_FILES, SOURCE_FILES,
+             "tokenizer/", "train/", "val/", WORK_DIR + "/", LOCK_FILE)
 
 
 def refuse_foreign_output(out_dir: Path) -> None:
@@ -105,19 +105,31 @@ class PackSettings:
     work_dir: str
 
 
-def plan_inputs(m: PackManifest):
+def resolve_sources(m: PackManifest) -> tuple[list[list[Path]], list[list]]:
+    """Each source's input files (globbed once), and ``[path, size, mtime_ns]`` of every file
+    under them: what the fingerprint needs. Stats only, nothing is read, so deciding that a pack
+    is up to date costs O(files) stats."""
     from qovaryx_data import sources
 
     base = Path(m.base_dir)
-    configs, units, files = [], [], []
-    for i, spec in enumerate(m.sources):
-        inputs = sources.resolve_inputs(spec.path, base, spec.format)   # globbed once per source
-        cfg = sources.effective_config(spec, base, files=inputs)
+    inputs = [sources.resolve_inputs(spec.path, base, spec.format) for spec in m.sources]
+    return inputs, [entry for found in inputs for f in found for entry in _stat_tree(f)]
+
+
+def plan_inputs(m: PackManifest, inputs: list[list[Path]]) -> tuple[list, list]:
+    """The effective source configs (hf Image()/ClassLabel columns filled in) and the work units.
+    Line numbers are not counted here (the workers count each unit's newlines), so planning
+    reads only the few bytes around each cut (and parquet / hf metadata)."""
+    from qovaryx_data import sources
+
+    base = Path(m.base_dir)
+    configs, units = [], []
+    for i, (spec, files) in enumerate(zip(m.sources, inputs)):
+        cfg = sources.effective_config(spec, base, files=files)
         configs.append(cfg)
-        units.extend(sources.plan_units(cfg, i, base, m.unit_bytes, m.unit_rows, files=inputs))
-        for f in inputs:
-            files.extend(_stat_tree(f))
-    return configs, units, files
+        units.extend(sources.plan_units(cfg, i, base, m.unit_bytes, m.unit_rows, files=files,
+                                        count_lines=False))
+    return configs, units
 
 
 def _stat_tree(p: Path) -> list[list]:
@@ -125,19 +137,24 @@ def _stat_tree(p: Path) -> list[list]:
     return [[str(q), *stat_pair(str(q))] for q in paths]
 
 
-def inputs_fingerprint(m: PackManifest, tok_hash: str, files: list, configs: list) -> str:
+def inputs_fingerprint(m: PackManifest, tok_hash: str, files: list,
+                       inputs: list[list[Path]]) -> str:
+    """xxh3-128 of what decides the output: the manifest (without `output`), the tokenizer hash,
+    every input file's path, size and mtime, the format and code versions (and Pillow's version
+    when rows may carry images). From file stats alone: no input is read."""
     man = m.to_json()
     man.pop("output", None)  # where the output goes does not change what it holds
     # Stored pixels come from Pillow's decoders and resamplers, whose output may change between
-    # releases: a pack with images is redone under another Pillow.
+    # releases: a pack that may hold images (an image_field, or an hf folder, whose Image()
+    # column is found on its own) is redone under another Pillow.
     pillow = None
-    if any(c.image_field for c in configs):
+    if any(spec.image_field or any(f.is_dir() for f in found)
+           for spec, found in zip(m.sources, inputs)):
         import PIL
 
         pillow = PIL.__version__
     blob = json.dumps({"format": PACK_FORMAT_NAME, "format_version": PACK_FORMAT_VERSION,
                        "pack_code_version": PACK_CODE_VERSION, "manifest": man, "pillow": pillow,
-                       "effective_sources": [repr(c) for c in configs],
                        "tokenizer_hash": tok_hash, "files": files}, sort_keys=True)
     return xxhash.xxh3_128_hexdigest(blob.encode())
 

@@ -26,8 +26,10 @@ from qovaryx_data.tokenizer import load_tokenizer
 SKIP_SAMPLE_LIMIT = 100        # (file, row, reason) examples kept in dataset.json
 
 
-def part_path(work: Path, k: int) -> Path:
-    return work / f"unit-{k:06d}.npz"
+def part_path(work: Path, key: tuple[int, int | None]) -> Path:
+    """The part of task `key`: (k, None) work unit k, (k, j) decoded piece j of stream unit k."""
+    k, j = key
+    return work / (f"unit-{k:06d}.npz" if j is None else f"unit-{k:06d}-{j:05d}.npz")
 
 
 _W: dict[str, Any] = {}
@@ -58,25 +60,33 @@ def _die_with_parent() -> None:
 
 
 def process_unit(arg) -> tuple[str, dict]:
-    k, unit = arg
+    """Tokenize one task ``(key, unit)``: ("ok", counts), or ("error", the SourceError as data:
+    keyword-only exception attributes do not pickle)."""
+    key, unit = arg
     try:
-        return "ok", _tokenize_unit(k, unit)
+        return "ok", _tokenize_unit(key, unit)
     except SourceError as e:
         return "error", {"module": type(e).__module__, "cls": type(e).__name__,
                          "message": str(e), "path": e.path, "row": e.row, "reason": e.reason}
+
+
 CHUNK_ROWS = 4096               # rows tokenized per encode_batch call inside a unit
 CHUNK_PIXEL_BYTES = 64 << 20   # ... or fewer, once their decoded images reach this many bytes
 
 
-def _tokenize_unit(k: int, unit) -> dict:
+def _tokenize_unit(key: tuple, unit) -> dict:
     """Read, tokenize and store one unit as a part (unit-K.npz, plus unit-K.pix with its pixels);
     returns its counts. Rows are handled in chunks, so a worker holds at most one chunk of
-    decoded images; pixels go straight to disk."""
-    from qovaryx_data.sources import Skipped, iter_unit
+    decoded images; pixels go straight to disk. A byte range of a line format also records its
+    newlines (rows of a unit planned without line numbers count from 1: the assembler adds the
+    lines of the file's earlier units)."""
+    from qovaryx_data.sources import Skipped, iter_unit, unit_newlines
 
     s: PackSettings = _W["settings"]
     cfg = s.source_configs[unit.source_index]
-    part = _UnitPart(part_path(Path(s.work_dir), k), s)
+    part = _UnitPart(part_path(Path(s.work_dir), key), s)
+    if is_line_range(unit, cfg):
+        part.newlines = unit_newlines(unit)
     chunk, chunk_bytes = [], 0
     for item in iter_unit(unit, cfg, s.on_error):
         if isinstance(item, Skipped):
@@ -98,7 +108,13 @@ def _tokenize_unit(k: int, unit) -> dict:
             part.add_rows(chunk)
             chunk, chunk_bytes = [], 0
     part.add_rows(chunk)
-    return part.finish(k)
+    return part.finish(key)
+
+
+def is_line_range(unit, cfg) -> bool:
+    """A byte range of a line-structured file (text line/paragraph, jsonl), read from disk."""
+    return (not unit.members and unit.data is None
+            and (unit.format == "jsonl" or (unit.format == "text" and cfg.split != "file")))
 
 
 class _UnitPart:
@@ -117,6 +133,7 @@ class _UnitPart:
         self.cols: dict[str, list] = {c: [] for c in ("split", "row", "file_id", "decision",
                                                        "position", "has_image")}
         self.val_cut = int(settings.validation * 2 ** 64)
+        self.newlines = 0          # newlines in the unit's byte range (line formats)
 
     def note_image_file(self, path: str, stat: tuple[int, int] | None = None) -> None:
         """Record an image file's (size, mtime_ns), taken before it was read (or stat it now)."""
@@ -173,7 +190,7 @@ class _UnitPart:
             c["position"].append(pos)
             c["has_image"].append(pixels is not None)
 
-    def finish(self, k: int) -> dict:
+    def finish(self, key: tuple) -> dict:
         """Write the part atomically: pixels first, the .npz (the completion mark) last."""
         lengths = np.array([len(x) for x in self.ids], np.int64)
         total = int(lengths.sum())
@@ -182,7 +199,8 @@ class _UnitPart:
             self.pix_file.close()
             os.replace(self.pix_tmp, self.pix_path)
         c = self.cols
-        meta = {"unit": k, "files": list(self.file_ids), "skipped": dict(self.skipped),
+        meta = {"unit": list(key), "newlines": self.newlines,
+                "files": list(self.file_ids), "skipped": dict(self.skipped),
                 "image_files": list(self.image_files.values()),
                 "samples": self.samples}
         arrays = dict(tokens=tokens, lengths=lengths, split=np.array(c["split"], np.uint8),
