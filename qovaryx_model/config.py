@@ -13,11 +13,13 @@ standard library code and `transformers`.
 """
 from __future__ import annotations
 
+import math
+
 from transformers import PreTrainedConfig
 
 # Version of the checkpoint layout (config fields + weight names) this code reads and writes.
 # A new major version means old folders need their own bundled code (trust_remote_code=True).
-FORMAT_VERSION = "1.0"
+CHECKPOINT_FORMAT_VERSION = "1.0"
 
 FFN_KINDS = ("swiglu", "ternary_swiglu", "lowrank_swiglu", "routed_lowrank_swiglu")
 ATTN_BACKENDS = ("sdpa", "flash")
@@ -95,7 +97,7 @@ class QovaryxConfig(PreTrainedConfig):
     pad_token_id: int | None = 1
     use_cache: bool = True
     initializer_gain: float = 1.0  # Xavier gain for Linear/Conv/Embedding (see docs/MODEL.md)
-    format_version: str = FORMAT_VERSION  # checkpoint layout version, written into config.json
+    format_version: str = CHECKPOINT_FORMAT_VERSION  # checkpoint layout version, written into config.json
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)  # sets HF aliases (hidden_size=...) through attribute_map first
@@ -105,9 +107,9 @@ class QovaryxConfig(PreTrainedConfig):
         def bad(field: str, value, fix: str) -> ValueError:
             return ValueError(f"QovaryxConfig.{field}={value!r} is invalid: {fix}")
 
-        if str(self.format_version).split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        if str(self.format_version).split(".")[0] != CHECKPOINT_FORMAT_VERSION.split(".")[0]:
             raise bad("format_version", self.format_version,
-                      f"this code reads format {FORMAT_VERSION.split('.')[0]}.x; load the folder with its own "
+                      f"this code reads format {CHECKPOINT_FORMAT_VERSION.split('.')[0]}.x; load the folder with its own "
                       "bundled code (trust_remote_code=True, without importing qovaryx_model) or re-export it")
 
         for name in ("d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "vocab_size", "max_seq_len"):
@@ -135,14 +137,18 @@ class QovaryxConfig(PreTrainedConfig):
             raise bad("mtp_k", self.mtp_k, "use 1 (next token only) or more (1 + number of MTP depths)")
         if self.mtp_k >= self.max_seq_len:
             raise bad("mtp_k", self.mtp_k, f"must be below max_seq_len ({self.max_seq_len})")
+        if not (_finite(self.rope_theta) and self.rope_theta > 0):
+            raise bad("rope_theta", self.rope_theta, "use a positive RoPE base (Llama: 10000)")
+        if not (_finite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+            raise bad("rms_norm_eps", self.rms_norm_eps, "use a small non-negative epsilon such as 1e-5")
         for name in ("mtp_weight", "moe_aux_weight", "moe_z_weight", "decision_weight", "calibration_loss_weight"):
-            if getattr(self, name) < 0:
-                raise bad(name, getattr(self, name), "loss weights must be >= 0")
+            if not (_finite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, getattr(self, name), "loss weights must be finite and >= 0")
         if self.decision_num_classes != 4:
             raise bad("decision_num_classes", self.decision_num_classes, "the card's decision head has 4 classes")
         if self.decision_class_weights is not None:
             w = list(self.decision_class_weights)
-            if len(w) != self.decision_num_classes or any(x < 0 for x in w):
+            if len(w) != self.decision_num_classes or not all(_finite(x) and x >= 0 for x in w):
                 raise bad("decision_class_weights", w, f"give {self.decision_num_classes} non-negative weights or None")
         if self.decision_calibration not in CALIBRATION_KINDS:
             raise bad("decision_calibration", self.decision_calibration, f"choose one of {CALIBRATION_KINDS}")
@@ -151,8 +157,11 @@ class QovaryxConfig(PreTrainedConfig):
                 raise bad("image_channels", self.image_channels, "use 1 (grey), 3 (RGB) or 4 (RGBA)")
             if self.patch_size < 1 or self.image_size % self.patch_size:
                 raise bad("patch_size", self.patch_size, f"must divide image_size ({self.image_size})")
-        if self.vocab_size <= max(t for t in (self.bos_token_id, self.pad_token_id, 0) if t is not None):
-            raise bad("vocab_size", self.vocab_size, "must exceed the special token ids")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, (list, tuple)) else [value]
+            if not all(t is None or (isinstance(t, int) and 0 <= t < self.vocab_size) for t in ids):
+                raise bad(name, value, f"use None or token ids in 0..{self.vocab_size - 1} (vocab_size={self.vocab_size})")
 
     # --- derived quantities ---
     @property
@@ -175,3 +184,8 @@ class QovaryxConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _finite(x) -> bool:
+    """A real number that is neither NaN nor infinite."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

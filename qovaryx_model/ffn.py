@@ -85,9 +85,24 @@ class BitLinear(nn.Linear):
     Latent weights stay float. Forward: W_q = clip(round(W / mean|W|), -1, 1) * mean|W| and per-token
     8-bit absmax activations x_q = round(x * 127 / max|x|) * max|x| / 127. Both use the STE
     (the gradient passes as if quantization were the identity).
+
+    Restored from a packed ternary file (`hf.load_ternary_model`), `weight` holds the codes and the
+    buffer `weight_scale` (1,) their scale, so W_q = codes * scale is the exported weight bit for bit.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_scale", None, persistent=False)  # None: W_q from the latent weight
+
+    def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes in {-1, 0, 1} and the per-tensor scale of the forward's weight (W_q = codes * scale)."""
+        if self.weight_scale is not None:
+            return self.weight.detach(), self.weight_scale
+        return ternary_quantize(self.weight)
+
     def quantized_weight(self) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return self.weight * self.weight_scale
         return quantize_weight(self.weight)
 
     def forward(self, x: torch.Tensor, x_is_quantized: bool = False) -> torch.Tensor:
@@ -161,8 +176,10 @@ class RoutedLowRankSwiGLU(nn.Module):
     out = sum over the chosen experts e of w_e * expert_e(x); w_e is the router probability for
     top-1 (so the router gets gradient from the task loss, as in the Switch Transformer) and the
     probabilities renormalized over the chosen experts for top-k > 1 (GShard/Mixtral).
-    aux_loss = E * sum_e f_e * P_e (f_e: fraction of routed slots on e, P_e: mean probability of e),
-    which equals 1 for a uniform router and grows with imbalance; z_loss = mean(logsumexp(logits)^2).
+    aux_loss = E * sum_e f_e * P_e (f_e: fraction of routed slots on e, P_e: mean probability of e):
+    1 for a uniform router (not its minimum: docs/MODEL.md); f is a count, so the gradient reaches
+    P only and lowers the probability of each expert in proportion to its load.
+    z_loss = mean(logsumexp(logits)^2).
     """
 
     def __init__(self, d_model: int, d_ff: int, rank: int, n_experts: int, top_k: int):

@@ -29,6 +29,17 @@ class MTPDepth(nn.Module):
         return x.to(h_prev.dtype)  # keep the residual stream's dtype (fp32 under autocast, like the trunk)
 
 
+def real_token_index(real: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Index in the padded row of each row's `positions`-th real token: real (B, T) bool, positions (B,).
+    A row without real tokens gives its last slot.
+
+    >>> real = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()   # left and right padding
+    >>> real_token_index(real, torch.tensor([0, 2])).tolist()
+    [2, 2]
+    """
+    return (real.long().cumsum(1) <= positions[:, None]).sum(1).clamp(max=real.shape[1] - 1)
+
+
 class DecisionHead(nn.Module):
     """Linear classifier over the (final-normed) hidden state pooled at one text position per row."""
 
@@ -36,9 +47,10 @@ class DecisionHead(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d_model, n_classes, bias=True)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # hidden (B, T, d), positions (B,) -> logits (B, C) in float32
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden (B, T, d), positions (B,) counted among the real tokens `real` (B, T) (None: all) -> logits (B, C) float32
+        index = positions if real is None else real_token_index(real, positions)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
         return self.proj(pooled).float()
 
 

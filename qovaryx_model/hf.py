@@ -8,6 +8,7 @@ installed. Weights are safetensors only; nothing here unpickles.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
 
 from .config import QovaryxConfig
-from .ffn import BitLinear, pack_ternary, ternary_quantize, unpack_ternary
+from .ffn import BitLinear, pack_ternary, unpack_ternary
 from .model import QovaryxForCausalLM, QovaryxModel, parameter_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,8 +41,9 @@ def register() -> None:
     QovaryxForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """A local tokenizer folder (tokenizer.json [+ tokenizer_config.json]) as a fast HF tokenizer."""
+def load_hf_tokenizer(path: str | os.PathLike):
+    """A local tokenizer folder (tokenizer.json [+ tokenizer_config.json]) as a fast HF tokenizer
+    (`qovaryx_data.load_tokenizer` gives the `tokenizers.Tokenizer` of the same folder)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
@@ -75,16 +77,17 @@ def export_pretrained(model: QovaryxForCausalLM, out: str | os.PathLike, tokeniz
     `tokenizer` is a tokenizer object (saved with save_pretrained) or a tokenizer folder, whose files
     are copied byte for byte (so train-bpe's own metadata, e.g. its content hash, travels along);
     files the model export writes itself (config.json, ...) are never overwritten by it.
+    `generation` overrides the folder's sampling defaults; the live model's generation_config is
+    left as it is.
     """
     out = Path(out)
     tmp, commit = _atomic_dir(out)
     try:
         cfg = model.config
         ids = dict(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
-        model.generation_config = GenerationConfig(**{**DEFAULT_SAMPLING, **(generation or {}), **ids})
-        # save_pretrained adds AutoConfig and AutoModelForCausalLM; AutoModel (the bare trunk) is added here
-        cfg.auto_map = {**(getattr(cfg, "auto_map", None) or {}), "AutoModel": "model.QovaryxModel"}
+        sampling = GenerationConfig(**{**DEFAULT_SAMPLING, **(generation or {}), **ids})
         model.save_pretrained(tmp)  # safetensors + config.json (auto_map) + modeling source + generation_config
+        sampling.save_pretrained(tmp)  # replaces the model's own generation_config.json
         if isinstance(tokenizer, (str, os.PathLike)):  # a tokenizer folder: copy its files as they are
             for f in sorted(Path(tokenizer).iterdir()):
                 if f.is_file() and not (tmp / f.name).exists():
@@ -110,7 +113,7 @@ def _write_scratch_base(preset, tokenizer_dir, out, dtype="fp32", seed=0,
     """`init_scratch_base`, also returning the config and its `parameter_counts` (for the CLI's summary)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_hf_tokenizer(tokenizer_dir)
     special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if getattr(tok, k) is not None}
     cfg = QovaryxConfig.from_preset(preset, vocab_size=len(tok), **special, **overrides)
@@ -172,19 +175,21 @@ def export_ternary_packed(model: QovaryxForCausalLM, path: str | os.PathLike) ->
       `name.packed` uint8 (ceil(numel / 4),) codes, see ffn.pack_ternary for the bit layout;
       `name.scale` float32 (1,) the per-tensor gamma = mean|W|; `name.shape` int64 (ndim,).
     W_q = unpack(name.packed, name.shape) * name.scale reproduces the forward's weight exactly.
-    Metadata: format, format_version, and the model config as JSON.
+    A tied output head is stored once, under the embedding's name.
+    Metadata: format, format_version, and the model config as JSON. `load_ternary_model` reads it back.
     """
     path = Path(path)
     ternary = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, BitLinear)}
-    tensors = {}
+    tensors, seen = {}, set()
     for name, p in model.state_dict().items():
         if name in ternary:
-            codes, gamma = ternary_quantize(p.float())
+            codes, gamma = ternary[name].ternary()  # the forward's own codes and scale, in the weight's dtype
             tensors[f"{name}.packed"] = pack_ternary(codes)
-            tensors[f"{name}.scale"] = gamma.reshape(1).float()
+            tensors[f"{name}.scale"] = gamma.detach().reshape(1).float()
             tensors[f"{name}.shape"] = torch.tensor(p.shape, dtype=torch.int64)
-        else:
+        elif p.data_ptr() not in seen or p.numel() == 0:  # a tied head shares the embedding's memory
             tensors[name] = p.detach().contiguous()
+        seen.add(p.data_ptr())
     meta = {"format": TERNARY_FORMAT, "format_version": TERNARY_VERSION,
             "config": model.config.to_json_string(use_diff=False)}
     tmp = path.with_name(path.name + ".tmp")
@@ -193,20 +198,61 @@ def export_ternary_packed(model: QovaryxForCausalLM, path: str | os.PathLike) ->
     return path
 
 
-def load_ternary_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a packed ternary file back into a state dict with dequantized ternary weights."""
+def _read_ternary(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != TERNARY_FORMAT or meta.get("format_version") != TERNARY_VERSION:
             raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; "
                              f"expected {TERNARY_FORMAT!r} version {TERNARY_VERSION!r}")
-        raw = {k: f.get_tensor(k) for k in f.keys()}
-    out = {}
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def _ternary_parts(raw: dict[str, torch.Tensor]):
+    """(plain tensors, {weight name: (codes float32, scale float32 (1,))}) of a packed file."""
+    plain, ternary = {}, {}
     for k, v in raw.items():
         if k.endswith(".packed"):
             base = k[: -len(".packed")]
-            shape = tuple(raw[base + ".shape"].tolist())
-            out[base] = unpack_ternary(v, shape) * raw[base + ".scale"]
+            ternary[base] = (unpack_ternary(v, tuple(raw[base + ".shape"].tolist())), raw[base + ".scale"])
         elif not k.endswith((".scale", ".shape")):
-            out[k] = v
-    return out
+            plain[k] = v
+    return plain, ternary
+
+
+def load_ternary_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a packed ternary file back into a state dict with dequantized ternary weights (W_q).
+
+    Loading it into a fresh model does NOT give the exported model (BitLinear would recompute its
+    scale from W_q); use `load_ternary_model` for that."""
+    plain, ternary = _ternary_parts(_read_ternary(path)[0])
+    return {**plain, **{k: codes * scale for k, (codes, scale) in ternary.items()}}
+
+
+def load_ternary_model(path: str | os.PathLike) -> QovaryxForCausalLM:
+    """The model a packed ternary file was exported from: every BitLinear gets its codes as `weight`
+    and its scale as `weight_scale`, so its forward weight is the exported W_q bit for bit; the other
+    tensors load as written (a tied head is re-tied). For inference and re-export with
+    `export_ternary_packed`; `save_pretrained` refuses it (train from the float checkpoint)."""
+    raw, meta = _read_ternary(path)
+    cfg = QovaryxConfig.from_dict(json.loads(meta["config"]))
+    plain, ternary = _ternary_parts(raw)
+    floats = [v.dtype for v in plain.values() if v.is_floating_point()]
+    dtype = floats[0] if floats else torch.float32
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        model = QovaryxForCausalLM(cfg)
+    state = {**plain, **{k: codes.to(dtype) for k, (codes, _) in ternary.items()}}
+    if cfg.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        raise ValueError(f"{path}: tensors do not match the config's model: missing {sorted(expected - set(state))}, "
+                         f"unexpected {sorted(set(state) - expected)}")
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    modules = dict(model.named_modules())
+    for name, (_, scale) in ternary.items():
+        mod = modules[name[: -len(".weight")]]
+        assert isinstance(mod, BitLinear), name
+        mod.weight_scale = scale.to(dtype)
+    return model

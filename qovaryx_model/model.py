@@ -25,9 +25,8 @@ from .heads import DecisionHead, MTPDepth, PatchEncoder
 
 IGNORE = -100
 # Keyword arguments transformers' generate()/Trainer/tokenizers may pass that carry nothing we use
-# (token_type_ids: a single segment type; the rest: output-format switches).
-HF_NOOP_KWARGS = {"return_dict", "output_attentions", "output_hidden_states", "token_type_ids",
-                  "cache_position"}
+# (token_type_ids: a single segment type; the rest: output-format switches and cache bookkeeping).
+HF_NOOP_KWARGS = {"return_dict", "output_attentions", "token_type_ids", "cache_position"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +52,8 @@ class AttnMask:
 
     dense: bool (B, 1, Tq, Tk), True = may attend, or None; is_causal: plain causal (SDPA's fast path);
     positions: (B, Tq) positions, used to cut flash-attn varlen segments when `varlen` is set;
-    flash_ok: no padding anywhere, so flash-attn (dense causal or varlen) can be used.
+    flash_ok: no padding anywhere, so flash-attn (dense causal or varlen) can be used;
+    past: cached tokens before the queries (query i is key `past + i`).
     """
 
     dense: torch.Tensor | None
@@ -61,6 +61,7 @@ class AttnMask:
     positions: torch.Tensor | None = None
     varlen: bool = False
     flash_ok: bool = False
+    past: int = 0
 
     def truncate(self, start: int, length: int) -> "AttnMask":
         """The mask among the queries [start, start + length) alone, for a cache-free forward over them
@@ -68,36 +69,66 @@ class AttnMask:
         queries' own keys start `past` columns further on."""
         dense = None
         if self.dense is not None:
-            k0 = self.dense.shape[-1] - self.dense.shape[-2] + start  # past + start
+            k0 = self.past + start
             dense = self.dense[..., start:start + length, k0:k0 + length]
         pos = None if self.positions is None else self.positions[:, start:start + length]
         return AttnMask(dense, self.is_causal, pos, self.varlen, self.flash_ok)
 
 
 def build_mask(valid: torch.Tensor | None, docs: torch.Tensor | None, positions: torch.Tensor,
-               q_len: int, past: int) -> AttnMask:
-    """valid: (B, past + q_len) real-token mask or None; docs: (B, q_len) document ids or None.
+               q_len: int, past: int, kv_len: int | None = None) -> AttnMask:
+    """valid: (B, past + q_len) real-token mask or None; docs: (B, q_len) document ids or None;
+    kv_len: keys the attention gets (default past + q_len; a static cache's whole preallocated length,
+    whose slots after the queries causality masks).
 
     An all-real `valid` and a single document per row are dropped first, so that the common
     training batch keeps SDPA's `is_causal` fast path (and flash-attn's dense kernel).
     """
+    kv_len = past + q_len if kv_len is None else kv_len
     if valid is not None and bool(valid.all()):
         valid = None
     if docs is not None and bool((docs == docs[:, :1]).all()):
         docs = None
-    if valid is None and docs is None:
+    exact = kv_len == past + q_len  # no unfilled cache slots among the keys
+    if valid is None and docs is None and exact:
         if past == 0 or q_len == 1:  # plain causal, or one new token that sees the whole cache
             return AttnMask(None, is_causal=past == 0 and q_len > 1, flash_ok=True)
     device = positions.device
     i = torch.arange(q_len, device=device)[:, None] + past  # (Tq, 1) absolute query index
-    j = torch.arange(past + q_len, device=device)[None, :]  # (1, Tk)
+    j = torch.arange(kv_len, device=device)[None, :]  # (1, Tk)
     m = (j <= i)[None, None]  # (1, 1, Tq, Tk) causal
     if valid is not None:
+        if valid.shape[1] < kv_len:  # a static cache's unfilled slots hold no token
+            valid = torch.cat([valid, valid.new_zeros(valid.shape[0], kv_len - valid.shape[1])], 1)
         m = m & valid[:, None, None, :]
     if docs is not None:
         m = m & (docs[:, None, :, None] == docs[:, None, None, :])
     m = m | (j == i)[None, None]  # every query sees itself: padded rows stay finite, never NaN
-    return AttnMask(m, is_causal=False, positions=positions, varlen=docs is not None, flash_ok=valid is None)
+    return AttnMask(m, is_causal=False, positions=positions, varlen=docs is not None,
+                    flash_ok=valid is None and exact, past=past)
+
+
+def prepared_mask(mask: torch.Tensor, past: int, q_len: int, kv_len: int):
+    """A 4-D mask as transformers prepares it (e.g. `generate()` with a static cache): (B, 1, Tq, Tk),
+    bool (True = may attend) or additive float (0 = may attend). Returns the AttnMask, the real
+    queries (B, Tq) (those allowed to see themselves) and their positions (B, Tq): the keys a
+    causal query sees, less one.
+
+    >>> m = torch.tensor([[0, 0, 0], [0, 1, 0], [0, 1, 1]]).bool()[None, None]  # token 0 is padding
+    >>> _, real, pos = prepared_mask(m, 0, 3, 3)
+    >>> real.tolist(), pos.tolist()
+    ([[False, True, True]], [[0, 0, 1]])
+    """
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_len, kv_len):
+        raise ValueError(f"a 4-D attention_mask must have shape (B, 1, {q_len}, {kv_len}) (queries, keys "
+                         f"including the cache); got {tuple(mask.shape)}. Or pass the 2-D (B, T) padding mask")
+    dense = mask[:, :1] if mask.dtype == torch.bool else mask[:, :1] == 0
+    i = torch.arange(q_len, device=mask.device)
+    real = dense[:, 0, i, past + i]  # (B, Tq)
+    positions = (dense[:, 0].sum(-1) - 1).clamp(min=0)  # (B, Tq)
+    dense = dense.clone()
+    dense[:, :, i, past + i] = True  # every query sees itself: padded rows stay finite, never NaN
+    return AttnMask(dense, is_causal=False, past=past), real, positions
 
 
 def positions_for(valid: torch.Tensor, docs: torch.Tensor | None) -> torch.Tensor:
@@ -227,7 +258,9 @@ class QovaryxCausalLMOutput(ModelOutput):
     decision_loss: torch.Tensor | None = None  # CE (+ calibration term), unweighted
     decision_logits: torch.Tensor | None = None  # (B, 4)
     decision_probs: torch.Tensor | None = None  # (B, 4)
-    hidden_states: torch.Tensor | None = None  # (B, S, d) final-normed, prefix included
+    # transformers' convention, when asked (output_hidden_states): n_layer + 1 states (B, S, d), prefix
+    # included: the embedding output, then each block's, the last one after the final norm
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -241,6 +274,12 @@ class Trunk:
     docs: torch.Tensor | None  # (B, T) document ids of the text tokens
     router: list  # per-layer router stats (routed FFN only)
     cache: Cache | None
+    token_mask: torch.Tensor | None = None  # (B, S) real tokens (None: all are)
+    states: list | None = None  # (B, S, d) embedding output and each block's, when asked
+
+    def hidden_states(self, normed: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """transformers' `hidden_states`: the states, the last one replaced by `normed` (the final norm's)."""
+        return None if self.states is None else (*self.states[:-1], normed)
 
 
 class QovaryxPreTrainedModel(PreTrainedModel):
@@ -251,6 +290,19 @@ class QovaryxPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     supports_gradient_checkpointing = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained; `auto_map` also names AutoModel (transformers adds only the
+        saved class's own Auto class), so any Qovaryx folder loads with either Auto class. A model
+        restored from a packed ternary file is refused: its BitLinear weights are codes."""
+        if any(getattr(m, "weight_scale", None) is not None for m in self.modules()):
+            raise ValueError("this model was restored from a packed ternary file (its BitLinear weights are codes "
+                             "with fixed scales): write it with hf.export_ternary_packed, or save the float "
+                             "checkpoint it was exported from")
+        if self.is_remote_code():  # registered (qovaryx_model imported) or loaded with trust_remote_code
+            module = QovaryxModel.__module__.split(".")[-1]
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.QovaryxModel"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Glorot/Xavier per layer kind: uniform for Linear and Conv2d, normal for the embedding;
@@ -295,15 +347,20 @@ class QovaryxModel(QovaryxPreTrainedModel):
         return block(x, rope, mask, cache, token_mask)
 
     def trunk(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-              document_ids=None, pixel_values=None, image_mask=None, use_cache=False) -> Trunk:
+              document_ids=None, pixel_values=None, image_mask=None, use_cache=False,
+              output_hidden_states=False) -> Trunk:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T, _ = x.shape
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0
+        past = int(cache.get_seq_length()) if cache is not None else 0  # a static cache counts in a tensor
         if document_ids is not None and past:
             raise ValueError("document_ids cannot be combined with a KV cache: pass them for training forwards only")
-        valid = attention_mask.bool() if attention_mask is not None else None  # (B, past + T)
+        prepared = attention_mask is not None and attention_mask.dim() == 4  # transformers' own mask (static cache)
+        if prepared and (pixel_values is not None or document_ids is not None):
+            raise ValueError("a 4-D attention_mask cannot be combined with pixel_values or document_ids: "
+                             "pass the 2-D (B, T) padding mask")
+        valid = attention_mask.bool() if attention_mask is not None and not prepared else None  # (B, past + T)
 
         n_prefix = 0
         if pixel_values is not None:  # image prefix: (B, N, d) before the text, masked out for rows without one
@@ -324,28 +381,45 @@ class QovaryxModel(QovaryxPreTrainedModel):
         if docs is not None:  # the prefix belongs to the row's first document
             full_docs = torch.cat([docs[:, :1].expand(B, n_prefix), docs], dim=1)  # (B, S)
         S = x.shape[1]
-        if position_ids is None:
+        kv_len = cache.get_mask_sizes(S, 0)[0] if cache is not None else S  # a static cache: its whole length
+        if document_ids is not None and kv_len != S:
+            raise ValueError("document_ids cannot be combined with a static KV cache: pass them for training forwards only")
+        if prepared:
+            mask, token_mask, seen = prepared_mask(attention_mask, past, S, kv_len)
+            position_ids = seen if position_ids is None else position_ids
+        elif position_ids is None:
             if valid is None and full_docs is None:
                 position_ids = (torch.arange(S, device=x.device) + past).expand(B, S)
             else:
                 v = valid if valid is not None else torch.ones(B, S, dtype=torch.bool, device=x.device)
                 position_ids = positions_for(v, full_docs)[:, -S:]
         rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = build_mask(valid, full_docs, position_ids, S, past)
-        token_mask = valid[:, -S:] if valid is not None else None  # real tokens, for router statistics
+        if not prepared:
+            mask = build_mask(valid, full_docs, position_ids, S, past, kv_len)
+            token_mask = valid[:, -S:] if valid is not None else None  # real tokens, for router statistics
 
         router = []
+        states = [x] if output_hidden_states else None
         for block in self.layers:
             x, aux = self.run_block(block, x, rope, mask, cache, token_mask)
             if aux is not None:
                 router.append(aux)
-        return Trunk(x, rope, mask, n_prefix, docs, router, cache)
+            if states is not None:
+                states.append(x)
+        return Trunk(x, rope, mask, n_prefix, docs, router, cache, token_mask, states)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, past_key_values=None, **kwargs):
+                use_cache=None, past_key_values=None, output_hidden_states=None, **kwargs):
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not supported (attention runs in SDPA / flash-attn kernels)")
+        kwargs = {k: v for k, v in kwargs.items() if k not in HF_NOOP_KWARGS}  # switches transformers passes
         t = self.trunk(input_ids, attention_mask, position_ids, cache if cache is not None else past_key_values,
-                       inputs_embeds, use_cache=bool(use_cache), **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(t.h), cache=t.cache)
+                       inputs_embeds, use_cache=bool(use_cache), output_hidden_states=bool(output_hidden_states),
+                       **kwargs)
+        h = self.norm(t.h)
+        return BaseModelOutputWithPast(last_hidden_state=h, cache=t.cache, hidden_states=t.hidden_states(h))
 
 
 class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
@@ -390,10 +464,11 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,  # (B, C, H, W) uint8
         image_mask: torch.Tensor | None = None,  # (B,) bool
         decision_labels: torch.LongTensor | None = None,  # (B,), -100 = unlabeled
-        decision_positions: torch.LongTensor | None = None,  # (B,) index into the text tokens
+        decision_positions: torch.LongTensor | None = None,  # (B,) index among the row's real text tokens
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,  # transformers < 5.x name of `cache`
         num_items_in_batch=None,  # step-wide target counts: HF's int/tensor, or a `loss_counts` dict
+        output_hidden_states: bool | None = None,  # None: config.output_hidden_states
         **kwargs,
     ) -> QovaryxCausalLMOutput:
         cfg = self.config
@@ -405,12 +480,17 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = cfg.use_cache and labels is None and pixel_values is None and not self.training
+        if output_hidden_states is None:
+            output_hidden_states = cfg.output_hidden_states
         t = self.model.trunk(input_ids, attention_mask, position_ids, cache, inputs_embeds, document_ids,
-                             pixel_values, image_mask, use_cache)
+                             pixel_values, image_mask, use_cache, bool(output_hidden_states))
         hidden = self.model.norm(t.h)  # (B, S, d)
         text = hidden[:, t.n_prefix:]  # (B, T, d): no LM loss or logits on the image prefix
-        out = QovaryxCausalLMOutput(cache=t.cache if use_cache else None, hidden_states=hidden)
+        out = QovaryxCausalLMOutput(cache=t.cache if use_cache else None, hidden_states=t.hidden_states(hidden))
         T = text.shape[1]
+        real = t.token_mask[:, t.n_prefix:] if t.token_mask is not None else None  # (B, T) real text tokens
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = real  # the losses read the 2-D padding mask
 
         keep = text[:, -logits_to_keep:] if (logits_to_keep and labels is None) else text
         out.logits = self.lm_head(keep)  # (B, T or logits_to_keep, V)
@@ -440,9 +520,11 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         if self.decision_head is not None and (decision_positions is not None or decision_labels is not None):
             if decision_positions is None:
                 raise ValueError("decision_labels given without decision_positions (index of the pooled text token)")
-            if bool(((decision_positions < 0) | (decision_positions >= T)).any()):
-                raise ValueError(f"decision_positions must index the text tokens 0..{T - 1}; got {decision_positions.tolist()}")
-            out.decision_logits = self.decision_head(text, decision_positions)  # (B, C) float32
+            n = real.sum(1) if real is not None else torch.full_like(decision_positions, T)  # real text tokens per row
+            if bool(((decision_positions < 0) | (decision_positions >= n.clamp(min=1))).any()):
+                raise ValueError(f"decision_positions must index each row's real text tokens (0..n-1, counted where "
+                                 f"attention_mask is 1; n = {n.tolist()}); got {decision_positions.tolist()}")
+            out.decision_logits = self.decision_head(text, decision_positions, real)  # (B, C) float32
             out.decision_probs = out.decision_logits.softmax(-1)
             if decision_labels is not None:
                 out.decision_loss = self._decision_loss(out.decision_logits, out.decision_probs, decision_labels, norm)

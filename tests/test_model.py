@@ -251,10 +251,11 @@ def test_positions_restart_per_document_and_skip_padding():
     assert positions_for(torch.ones(1, 6, dtype=torch.bool), docs).tolist() == [[0, 1, 2, 0, 1, 0]]
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+@pytest.mark.parametrize("backend", ["sdpa", pytest.param("flash", id="flash_config_runs_sdpa_on_cpu")])
 def test_document_masking_equals_separate_documents(backend):
-    """A packed row with document_ids gives the same logits and loss terms as each document alone;
-    `flash` falls back to SDPA here (no CUDA / flash-attn) with the same results."""
+    """A packed row with document_ids gives the same logits and loss terms as each document alone.
+    On CPU tensors `attn_backend="flash"` runs SDPA (flash-attn needs CUDA fp16/bf16), so the second
+    case checks that fallback only; flash-attn itself is checked on a GPU by benchmarks/gpu_check.py."""
     torch.manual_seed(0)
     model = QovaryxForCausalLM(debug(attn_backend=backend)).eval()
     a, b = torch.randint(8, V, (1, 9)), torch.randint(8, V, (1, 13))
@@ -442,7 +443,9 @@ def test_lowrank_projections_are_factorized_through_ffn_rank(kind):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_moe_aux_loss_is_minimal_for_uniform_router(top_k):
+def test_moe_aux_loss_at_uniform_and_at_one_expert(top_k):
+    """Uniform router: exactly 1 (and z-loss log(E)^2); every token on one expert: near E / top_k.
+    (Uniform is not the minimum: see test_model_contracts.py for a non-uniform router below 1.)"""
     torch.manual_seed(0)
     moe = RoutedLowRankSwiGLU(32, 64, 8, n_experts=4, top_k=top_k)
     x = torch.randn(2, 50, 32)
@@ -451,12 +454,6 @@ def test_moe_aux_loss_is_minimal_for_uniform_router(top_k):
     _, aux = moe(x)
     torch.testing.assert_close(aux["aux_loss"], torch.tensor(1.0))
     torch.testing.assert_close(aux["z_loss"], torch.tensor(math.log(4) ** 2))
-    for seed in range(3):  # any non-uniform router scores higher
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            moe.router.weight.normal_(0, 1.0)
-        _, aux = moe(x)
-        assert aux["aux_loss"] > 1.0
     with torch.no_grad():  # all tokens strongly preferring expert 0: near the maximum E / top_k
         moe.router.weight.zero_()
         moe.router.weight[0] = 50.0
@@ -512,7 +509,8 @@ def test_rows_without_image_get_no_prefix():
     with_img = model(input_ids=ids[:1], pixel_values=pix[:1])
     torch.testing.assert_close(out.logits[:1], with_img.logits, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(with_img.logits, model(input_ids=ids[:1]).logits)  # the image is seen
-    assert out.hidden_states.shape[1] == cfg.n_image_tokens + 12 == 16 + 12
+    hidden = model(input_ids=ids, pixel_values=pix, output_hidden_states=True).hidden_states
+    assert hidden[-1].shape[1] == cfg.n_image_tokens + 12 == 16 + 12
     with pytest.raises(ValueError, match=r"expected \(B, 1, 28, 28\)"):
         model(input_ids=ids, pixel_values=torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
 
@@ -568,9 +566,10 @@ def test_docstring_examples():
 
     import qovaryx_model.config
     import qovaryx_model.ffn
+    import qovaryx_model.heads
     import qovaryx_model.model
 
-    for mod in (qovaryx_model.config, qovaryx_model.ffn, qovaryx_model.model):
+    for mod in (qovaryx_model.config, qovaryx_model.ffn, qovaryx_model.heads, qovaryx_model.model):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
 

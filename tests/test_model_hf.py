@@ -121,9 +121,9 @@ def test_export_loads_without_qovaryx_and_init_cli(tmp_path, tok_dir):
     cfg = QovaryxConfig.from_preset("debug", vocab_size=1024, decision_head_enabled=True,
                                     ffn_kind="routed_lowrank_swiglu")
     model = QovaryxForCausalLM(cfg).eval()
-    from qovaryx_model.hf import load_tokenizer
+    from qovaryx_model.hf import load_hf_tokenizer
 
-    exp = export_pretrained(model, tmp_path / "exp", tokenizer=load_tokenizer(tok_dir))
+    exp = export_pretrained(model, tmp_path / "exp", tokenizer=load_hf_tokenizer(tok_dir))
     names = {p.name for p in exp.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.json",
             "tokenizer_config.json", "config.py", "model.py", "ffn.py", "heads.py"} <= names
@@ -176,13 +176,38 @@ def test_export_loads_without_qovaryx_and_init_cli(tmp_path, tok_dir):
     assert "OK 64 2" in r.stdout
 
 
+def test_plain_save_pretrained_loads_with_automodel_without_qovaryx(tmp_path):
+    """`save_pretrained` alone (no export_pretrained) writes an auto_map with AutoModel too."""
+    torch.manual_seed(0)
+    model = QovaryxForCausalLM(QovaryxConfig.from_preset("debug", vocab_size=300, mtp_k=1)).eval()
+    model.save_pretrained(tmp_path / "plain")
+    auto_map = json.loads((tmp_path / "plain" / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "config.QovaryxConfig", "AutoModel": "model.QovaryxModel",
+                        "AutoModelForCausalLM": "model.QovaryxForCausalLM"}
+    ids = torch.randint(8, 300, (2, 7))
+    last = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    torch.save({"ids": ids, "last": last.detach()}, tmp_path / "ref.pt")
+    r = run_clean("""
+        import json
+        import torch
+        from transformers import AutoModel
+        ref = torch.load("ref.pt")
+        m = AutoModel.from_pretrained("plain", trust_remote_code=True).eval()
+        assert type(m).__name__ == "QovaryxModel", type(m)
+        torch.testing.assert_close(m(input_ids=ref["ids"]).last_hidden_state, ref["last"], rtol=1e-5, atol=1e-5)
+        m.save_pretrained("again")  # the trunk alone, re-saved from the bundled code
+        print("OK", sorted(json.load(open("again/config.json"))["auto_map"]))
+    """, tmp_path)
+    assert "OK ['AutoConfig', 'AutoModel', 'AutoModelForCausalLM']" in r.stdout
+
+
 def test_debug_model_overfits_one_real_sentence(austen_path, tok_dir):
-    from qovaryx_model.hf import load_tokenizer
+    from qovaryx_model.hf import load_hf_tokenizer
 
     text = austen_path.read_text(encoding="utf-8")
     start = text.index("It is a truth universally acknowledged")
     sentence = text[start:text.index(".", start) + 1].replace("\n", " ")
-    tok = load_tokenizer(tok_dir)
+    tok = load_hf_tokenizer(tok_dir)
     ids = torch.tensor([[0] + tok(sentence)["input_ids"]])  # <|endoftext|> then the sentence
     torch.manual_seed(0)
     model = QovaryxForCausalLM(QovaryxConfig.from_preset("debug", vocab_size=len(tok)))
