@@ -9,7 +9,14 @@ Corpus: Shakespeare (one document per play) + Austen (paragraphs) + KJV (verses)
 2. pack tokens/s vs HF `datasets` `Dataset.map(tokenize, batched=True, num_proc=N)` +
    `save_to_disk` of the same documents (goal >= 1.2x) and the bytes each writes;
 3. peak RSS (whole process tree, sampled) of a pack of the corpus x4 vs x1, each in a fresh
-   process (goal <= 1.2x and < 1 GB).
+   process (goal <= 1.2x and < 1 GB);
+4. scale of the work units (`--skip-scale` to leave out; `--only-scale` for this part alone):
+   one large ``.jsonl.zst`` (the KJV verses as JSONL, zstd-compressed in a temp dir) packed with
+   N workers vs 1 (decoded once, tokenized on every core: goal close to N on an idle machine) and
+   vs the same lines as a plain ``.jsonl`` (goal ~1x); 2,000 one-verse files vs the same verses
+   in one file (goal ~1x: small files are grouped into units); an up-to-date re-run vs the pack
+   itself, and the bytes it reads vs the corpus and the tokenizer (goal: the tokenizer only,
+   which is read to hash it; "up to date" comes from file stats).
 
     .venv/bin/python benchmarks/bench_pack.py [--workers N] [--repeat R] [--tokenizer DIR]
 """
@@ -105,6 +112,75 @@ def peak_rss_of_pack(manifest: Path, out: Path, workers: int) -> tuple[float, fl
     return time.perf_counter() - t0, peak / 2**20
 
 
+def _bytes_read() -> int:
+    """Bytes this process has read (Linux /proc/self/io rchar), -1 where unknown."""
+    try:
+        with open("/proc/self/io") as f:
+            return int(next(ln for ln in f if ln.startswith("rchar:")).split()[1])
+    except OSError:
+        return -1
+
+
+def scale(tmp: Path, tok_dir: Path, workers: int, rounds: int) -> None:
+    """Section 4 of the module docstring: ratios of pack times measured in this run."""
+    import json
+
+    import zstandard
+
+    from qovaryx_data.packer import pack
+
+    verses = [v for v in (SHARED / "kjv.txt").read_text(encoding="utf-8").splitlines() if v]
+    jsonl = "".join(json.dumps({"text": v}) + "\n" for v in verses).encode()
+    d = tmp / "scale"
+    (d / "files").mkdir(parents=True)
+    (d / "kjv.jsonl").write_bytes(jsonl)
+    (d / "kjv.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=10).compress(jsonl))
+    for i, v in enumerate(verses[:2000]):
+        (d / "files" / f"{i:05d}.txt").write_text(v, encoding="utf-8")
+    (d / "one.txt").write_text("\n".join(verses[:2000]) + "\n", encoding="utf-8")
+    cases = {"zst, 1 worker": ({"path": str(d / "kjv.jsonl.zst")}, 1),
+             f"zst, {workers} workers": ({"path": str(d / "kjv.jsonl.zst")}, workers),
+             f"jsonl, {workers} workers": ({"path": str(d / "kjv.jsonl")}, workers),
+             "2,000 files": ({"path": str(d / "files"), "format": "text"}, workers),
+             "one file": ({"path": str(d / "one.txt"), "split": "line"}, workers)}
+    best = {name: float("inf") for name in cases}
+    units = {}
+    for r in range(rounds):
+        for c, (name, (src, w)) in enumerate(cases.items()):
+            folder = d / f"case{c}"
+            folder.mkdir(exist_ok=True)
+            m = write_manifest(folder, tok_dir, [src])
+            t0 = time.perf_counter()
+            res = pack(m, workers=w, progress=False)
+            best[name] = min(best[name], time.perf_counter() - t0)
+            units[name] = res.units
+            shutil.rmtree(folder / "out")
+    big = write_manifest(d, tok_dir, [{"path": str(SHARED / "kjv.txt"), "split": "line"}])
+    t0 = time.perf_counter()
+    pack(big, workers=workers, progress=False)
+    full = time.perf_counter() - t0
+    read0, t0 = _bytes_read(), time.perf_counter()
+    assert pack(big, workers=workers, progress=False).up_to_date
+    noop, read = time.perf_counter() - t0, _bytes_read() - read0
+    zst_mb = (d / "kjv.jsonl.zst").stat().st_size / 1e6
+    print(f"scale (best of {rounds}): one .jsonl.zst ({zst_mb:.1f} MB, {len(jsonl) / 1e6:.1f} MB "
+          f"decoded, {units['zst, 1 worker']} pieces): "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in best.items()))
+    print(f"RATIO zst pack, {workers} workers vs 1: "
+          f"{best['zst, 1 worker'] / best[f'zst, {workers} workers']:.2f}x faster (goal close to "
+          f"{workers}x on an idle machine); zst vs plain jsonl, {workers} workers: "
+          f"{best[f'zst, {workers} workers'] / best[f'jsonl, {workers} workers']:.2f}x the time "
+          f"(goal ~1x)")
+    print(f"RATIO 2,000 one-verse files vs the same verses in one file: "
+          f"{best['2,000 files'] / best['one file']:.2f}x the time ({units['2,000 files']} units; "
+          f"goal ~1x)")
+    tok_bytes = folder_bytes(tok_dir)
+    print(f"RATIO up-to-date re-run vs the pack of kjv.txt: {noop / full:.3f}x the time; it read "
+          f"{read / 1e6:.2f} MB = {read / (SHARED / 'kjv.txt').stat().st_size:.3f}x the corpus "
+          f"bytes, {read / tok_bytes:.2f}x the tokenizer folder's (read to hash it; goal: no "
+          f"corpus bytes)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=os.cpu_count())
@@ -113,6 +189,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--only-scale", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from tokenizers import Tokenizer
@@ -122,6 +200,9 @@ def main() -> None:
     tok_dir = tokenizer_dir(args.tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix="bench_pack_"))
     try:
+        if args.only_scale:
+            scale(tmp, tok_dir, args.workers, args.rounds)
+            return
         sources = make_corpus(tmp / "corpus", args.repeat)
         manifest = write_manifest(tmp, tok_dir, sources)
         docs = documents(manifest)
@@ -203,6 +284,8 @@ def main() -> None:
             print(f"peak RSS (process tree): corpus x1 {rss1:,.0f} MiB ({s1:.1f} s), "
                   f"x4 {rss4:,.0f} MiB ({s4:.1f} s)")
             print(f"RATIO peak RSS x4 / x1: {rss4 / rss1:.2f}x  (goal <= 1.2x, < 1 GB)")
+        if not args.skip_scale:
+            scale(tmp, tok_dir, args.workers, args.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

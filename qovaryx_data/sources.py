@@ -210,14 +210,23 @@ def resolve_inputs(path_or_glob: str, base_dir: Path | None = None, format: str 
     for m in matches:
         if m.is_dir() and format != "hf" and not _is_hf_folder(m):
             found = sorted(f for f in m.rglob("*") if f.is_file() and _known_file(f, format))
-            found = [f for f in found if not any(_is_hf_folder(d) for d in f.parents if d != m)]
-            out.extend(found)
+            hf = functools.cache(_is_hf_folder)   # each folder checked once, not once per file
+            out.extend(f for f in found if not any(hf(d) for d in _parents_below(f, m)))
         else:
             out.append(m)
     if not out:
         raise SourceError(f"{path_or_glob}: the folder holds no input files (.txt, .jsonl, .jsonl.zst, "
                           f".parquet)", path=str(p), reason="no_match")
     return [f.resolve() for f in out]
+
+
+def _parents_below(f: Path, top: Path) -> Iterator[Path]:
+    """The folders between `f` and `top` (both excluded): a file inside a `datasets` folder
+    there is part of that dataset, not an input of its own."""
+    for d in f.parents:
+        if d == top:
+            return
+        yield d
 
 
 def _known_file(f: Path, format: str | None) -> bool:
