@@ -98,12 +98,11 @@ def test_decision_position_counts_real_tokens_whatever_the_padding_side():
 # ---------------------------------------------------------------------------------------------
 # static cache
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["swiglu", "routed_lowrank_swiglu"])
-def test_static_cache_generation_equals_dynamic_cache(kind):
+def test_static_cache_generation_equals_dynamic_cache():
     """`cache_implementation="static"` (what torch.compile'd decoding uses): transformers passes a 4-D
     mask over the whole preallocated cache; greedy output equals the dynamic cache's, left padding too."""
     torch.manual_seed(0)
-    model = QovaryxForCausalLM(debug(mtp_k=1, ffn_kind=kind)).eval().double()
+    model = QovaryxForCausalLM(debug(mtp_k=1)).eval().double()
     ids = torch.randint(8, V, (2, 7))
     ids[0, :3] = 1
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
@@ -243,8 +242,8 @@ def test_moe_aux_loss_gradient_pushes_toward_balance(top_k):
 
     assert aux["load"].max().item() >= 0.9 / top_k  # expert 0 takes (almost) every token's first slot
     x = logits.detach().clone().requires_grad_(True)
-    opt = torch.optim.SGD([x], lr=20.0)
-    for _ in range(200):
+    opt = torch.optim.SGD([x], lr=50.0)
+    for _ in range(50):
         opt.zero_grad()
         _, aux = moe(x)
         aux["aux_loss"].backward()
