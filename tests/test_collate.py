@@ -79,6 +79,19 @@ def test_collate_text_only_omits_optional_keys_unless_asked():
     assert "document_ids" not in b
 
 
+def test_padding_uses_the_tokenizers_pad_id(small_tokenizer):
+    """collate pads with the id a train-bpe tokenizer gives <|pad|> (one definition: the
+    special-token list in qovaryx_data.tokenizer), and labels ignore the padding."""
+    from qovaryx_data import load_tokenizer
+    from qovaryx_data.collate import IGNORE_INDEX, PAD_ID
+
+    pad = load_tokenizer(small_tokenizer).token_to_id("<|pad|>")
+    assert PAD_ID == pad == 1
+    b = collate([Example(np.array([5, 6, 7])), Example(np.array([8]))])
+    assert b["input_ids"][1].tolist() == [8, pad, pad]
+    assert b["labels"][1].tolist() == [8, IGNORE_INDEX, IGNORE_INDEX]
+
+
 def test_collate_refuses_inconsistent_input():
     with pytest.raises(ValueError, match="pad_to"):
         collate([Example(np.arange(5))], pad_to=4)
