@@ -14,10 +14,15 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install install-dev clean-build
+.PHONY: demo demo-multimodal test install install-dev clean-build
 
 demo: $(VENV)/.installed-base
 	$(PY) -m pipelines.demo $(DEMO_ARGS)
+
+# The chart-patch encoder and decision head on rendered price charts (no download): report in
+# build/demo-multimodal/report.md. MM_ARGS e.g. '--charts 8000 --steps 1500' or '--force train'.
+demo-multimodal: $(VENV)/.installed-base
+	$(PY) -m pipelines.demo_multimodal $(MM_ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -46,7 +46,7 @@ def write_idx(path: Path, data: np.ndarray, magic: int) -> None:
     an IDX .gz file that `read_idx` reads back."""
     if (magic, data.ndim) not in ((0x0803, 3), (0x0801, 1)) or data.dtype != np.uint8:
         raise ValueError(f"{path}: IDX magic {magic:#x} takes uint8 {'images' if magic == 0x0803 else 'labels'}")
-    with gzip.open(path, "wb", mtime=0) as f:
+    with gzip.GzipFile(path, "wb", mtime=0) as f:  # mtime 0: the same bytes every time
         f.write(struct.pack(">II", magic, len(data)))
         if data.ndim == 3:
             f.write(struct.pack(">II", *data.shape[1:]))
