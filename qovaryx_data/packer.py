@@ -64,7 +64,8 @@ class PackResult:
     documents: int = 0              # all splits
     tokens: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
-    units: int = 0                  # work units in the plan
+    units: int = 0                  # work units (a large .jsonl.zst counts its decoded pieces);
+    #                                 0 when up to date (nothing is planned then)
     units_done: int = 0             # units tokenized by this run (the rest were resumed)
     seconds: float = 0.0
 

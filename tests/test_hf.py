@@ -162,3 +162,23 @@ def test_pack_dataset_directly_text_only_and_idempotent(tmp_path, small_tokenize
                                      for v in verses]
     with pytest.raises(TypeError, match="unknown option.*'text_feild'"):
         pack_dataset(hf, tokenizer=small_tokenizer, out=out, text_feild="verse")
+
+
+def test_pack_a_datasetdict_folder_by_split(tmp_path, small_tokenizer, kjv_path):
+    """A save_to_disk DatasetDict packs one split (`split: NAME`, the datasets convention)."""
+    from qovaryx_data import PackedDataset
+    from qovaryx_data.manifest import PackManifest, SourceSpec
+    from qovaryx_data.packer import pack
+
+    with open(kjv_path, encoding="utf-8") as f:
+        verses = [next(f).rstrip("\n") for _ in range(40)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": verses[:30]}),
+                          "test": datasets.Dataset.from_dict({"text": verses[30:]})}
+                         ).save_to_disk(tmp_path / "dd")
+    for split, want in (("train", verses[:30]), ("test", verses[30:])):
+        m = PackManifest(name="dd", tokenizer=str(small_tokenizer), output=str(tmp_path / split),
+                         sources=(SourceSpec(path=str(tmp_path / "dd"), split=split),))
+        assert pack(m, workers=1, progress=False).documents == len(want)
+        ds = PackedDataset(tmp_path / split)
+        tok = ds.load_tokenizer()
+        assert [tok.decode(d.tokens[:-1].tolist()) for d in ds] == want
