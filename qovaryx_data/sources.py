@@ -14,7 +14,8 @@ text, file         the whole file (one document)         0, file size
 text, line         ~unit_bytes, cut after a newline      byte offsets
 text, paragraph    ~unit_bytes, cut after a blank line   byte offsets
 jsonl              ~unit_bytes, cut after a newline      byte offsets
-jsonl.zst          the whole file (zstd is sequential)   0, file size
+jsonl.zst          the whole file (zstd is sequential)   0, file size (`stream` when >= unit_bytes)
+small whole files  a group of ~unit_bytes (`members`)    the first member's
 parquet            whole row groups, ~unit_rows rows     row-group indices
 hf (save_to_disk)  ~unit_rows rows                       row indices
 =================  ====================================  =========================================
