@@ -167,7 +167,8 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
             skipped.update(meta["skipped"])
             source_skips[unit.source_index].update(meta["skipped"])
             room = SKIP_SAMPLE_LIMIT - len(samples)
-            samples.extend(_shifted_sample(x, unit.path, delta) for x in meta["samples"][:max(room, 0)])
+            samples.extend(_shifted_sample(x, unit.path, delta)
+                           for x in meta["samples"][:max(room, 0)])
             for path, size, mtime_ns in meta["image_files"]:
                 image_files.setdefault(path, [path, size, mtime_ns])
             fids = np.array([file_ids.setdefault(p, len(file_ids)) for p in meta["files"]],
