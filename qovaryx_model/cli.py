@@ -1,4 +1,4 @@
-"""`qovaryx-train`: model initialisation/export (training arrives with the trainer issue).
+"""`qovaryx-train`: model initialisation/export (`init`) and training (`train`).
 
 Thin: each command parses its options and calls one library function (qovaryx_model.hf).
 """
@@ -11,7 +11,7 @@ from .config import PRESETS
 
 @click.group()
 def main() -> None:
-    """Create, export and (later) train Qovaryx models."""
+    """Create, export and train Qovaryx models."""
 
 
 @main.command("init")
@@ -44,6 +44,37 @@ def init(preset: str, tokenizer_dir: str, out: str, dtype: str, seed: int, overr
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {path} ({counts['total']:,} parameters, vocab {cfg.vocab_size}, {dtype})")
 
+
+@click.command("train")
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
+              help="YAML recipe (pipelines/recipes/ has the card's)")
+@click.option("--data", "data", multiple=True, metavar="DIR",
+              help="packed dataset folder, or a pack output folder holding train/ (and val/); repeat to blend "
+                   "equally, or give `data:` with weights in the recipe")
+@click.option("--val-data", type=click.Path(file_okay=False), help="validation dataset (default: <data>/val)")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder (metrics, checkpoints)")
+@click.option("--max-steps", type=int, help="stop after this optimizer step (the schedule still spans target_tokens)")
+@click.option("--resume", is_flag=True, help="continue from OUT/checkpoints/latest")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False),
+              help="start from the weights of a `qovaryx-train init` folder or a checkpoint (new optimizer)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="recipe override (repeatable)")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+def train_command(recipe_path, data, val_data, out, max_steps, resume, init_from, overrides, no_progress) -> None:
+    """Train on packed datasets (runs DDP under torchrun)."""
+    from .trainer import TrainerError, train
+    from .trainer.recipe import parse_overrides
+
+    try:
+        from qovaryx_data.errors import QovaryxDataError
+
+        res = train(recipe_path, list(data) or None, out=out, val_data=val_data, max_steps=max_steps, resume=resume,
+                    init_from=init_from, overrides=parse_overrides(overrides), progress=not no_progress)
+    except (TrainerError, QovaryxDataError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"checkpoint: {res.checkpoint}")
+
+
+main.add_command(train_command)
 
 if __name__ == "__main__":
     main()

