@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -204,9 +205,9 @@ def test_plain_save_pretrained_loads_with_automodel_without_qovaryx(tmp_path):
 def test_debug_model_overfits_one_real_sentence(austen_path, tok_dir):
     from qovaryx_model.hf import load_hf_tokenizer
 
-    text = austen_path.read_text(encoding="utf-8")
-    start = text.index("It is a truth universally acknowledged")
-    sentence = text[start:text.index(".", start) + 1].replace("\n", " ")
+    text = " ".join(austen_path.read_text(encoding="utf-8").split())
+    # the corpus's first sentence of 15 to 25 words (whatever prose the fixture gave)
+    sentence = next(m.group() for m in re.finditer(r"[A-Z][^.!?]*[.!?]", text) if 15 <= len(m.group().split()) <= 25)
     tok = load_hf_tokenizer(tok_dir)
     ids = torch.tensor([[0] + tok(sentence)["input_ids"]])  # <|endoftext|> then the sentence
     torch.manual_seed(0)

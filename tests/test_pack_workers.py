@@ -64,7 +64,7 @@ def test_a_killed_worker_stops_the_pack_with_a_clear_error(tmp_path, kjv_path, s
             proc.wait()
     assert proc.returncode == 2, err
     assert "error: a pack worker process died (killed by SIGKILL)" in err, err
-    assert "kjv.txt" in err and "lower --workers" in err and "re-run the same pack to resume" in err
+    assert kjv_path.name in err and "lower --workers" in err and "re-run the same pack to resume" in err
     assert "Traceback" not in err, err
     _, alive = psutil.wait_procs(everyone, timeout=30)   # workers and helpers die with the pack
     assert not alive, [(p.pid, p.name()) for p in alive]
