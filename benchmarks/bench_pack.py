@@ -140,6 +140,7 @@ def scale(tmp: Path, tok_dir: Path, workers: int, rounds: int) -> None:
     (d / "one.txt").write_text("\n".join(verses[:2000]) + "\n", encoding="utf-8")
     cases = {"zst, 1 worker": ({"path": str(d / "kjv.jsonl.zst")}, 1),
              f"zst, {workers} workers": ({"path": str(d / "kjv.jsonl.zst")}, workers),
+             "jsonl, 1 worker": ({"path": str(d / "kjv.jsonl")}, 1),
              f"jsonl, {workers} workers": ({"path": str(d / "kjv.jsonl")}, workers),
              "2,000 files": ({"path": str(d / "files"), "format": "text"}, workers),
              "one file": ({"path": str(d / "one.txt"), "split": "line"}, workers)}
@@ -170,7 +171,9 @@ def scale(tmp: Path, tok_dir: Path, workers: int, rounds: int) -> None:
           f"{best['zst, 1 worker'] / best[f'zst, {workers} workers']:.2f}x faster (goal close to "
           f"{workers}x on an idle machine); zst vs plain jsonl, {workers} workers: "
           f"{best[f'zst, {workers} workers'] / best[f'jsonl, {workers} workers']:.2f}x the time "
-          f"(goal ~1x)")
+          f"(goal ~1x); control: plain jsonl, {workers} workers vs 1: "
+          f"{best['jsonl, 1 worker'] / best[f'jsonl, {workers} workers']:.2f}x faster (what "
+          f"this machine's cores allow now)")
     print(f"RATIO 2,000 one-verse files vs the same verses in one file: "
           f"{best['2,000 files'] / best['one file']:.2f}x the time ({units['2,000 files']} units; "
           f"goal ~1x)")
