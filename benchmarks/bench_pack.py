@@ -177,11 +177,44 @@ def scale(tmp: Path, tok_dir: Path, workers: int, rounds: int) -> None:
     print(f"RATIO 2,000 one-verse files vs the same verses in one file: "
           f"{best['2,000 files'] / best['one file']:.2f}x the time ({units['2,000 files']} units; "
           f"goal ~1x)")
+    (d / "cpu").mkdir()
+    zst_manifest = write_manifest(d / "cpu", tok_dir, [cases["zst, 1 worker"][0]])
+    main_cpu, others = cpu_of_pack(zst_manifest, d / "cpu" / "out", workers)
+    busy, rest = others[:workers], others[workers:]   # the pool's workers, then the forkserver
+    print(f"RATIO one .jsonl.zst, {workers} workers, CPU seconds: workers "
+          + ", ".join(f"{c:.1f}" for c in busy) + f" (least / most busy "
+          f"{min(busy, default=0) / max(max(busy, default=1), 1e-9):.2f}x; goal: every worker "
+          f"busy), packing process (decode + assemble) {main_cpu:.1f}, other processes "
+          + (", ".join(f"{c:.1f}" for c in rest) or "none"))
     tok_bytes = folder_bytes(tok_dir)
     print(f"RATIO up-to-date re-run vs the pack of kjv.txt: {noop / full:.3f}x the time; it read "
           f"{read / 1e6:.2f} MB = {read / (SHARED / 'kjv.txt').stat().st_size:.3f}x the corpus "
           f"bytes, {read / tok_bytes:.2f}x the tokenizer folder's (read to hash it; goal: no "
           f"corpus bytes)")
+
+
+def cpu_of_pack(manifest: Path, out: Path, workers: int) -> tuple[float, list[float]]:
+    """CPU seconds of a pack in a fresh process: (the packing process, each other process of its
+    tree), sampled every 20 ms (a worker's last sample counts). Unlike wall time, this shows where
+    the work runs even on a loaded machine."""
+    import psutil
+
+    code = ("import sys; from qovaryx_data.packer import pack; "
+            "pack(sys.argv[1], out=sys.argv[2], workers=int(sys.argv[3]), progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(manifest), str(out), str(workers)])
+    root = psutil.Process(proc.pid)
+    cpu: dict[int, float] = {}
+    while proc.poll() is None:
+        try:
+            for p in [root] + root.children(recursive=True):
+                t = p.cpu_times()
+                cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    assert proc.returncode == 0, f"pack failed with {proc.returncode}"
+    main_cpu = cpu.pop(proc.pid, 0.0)
+    return main_cpu, sorted(cpu.values(), reverse=True)
 
 
 def main() -> None:
