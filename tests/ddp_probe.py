@@ -9,8 +9,8 @@ from qovaryx_model.trainer import train
 
 recipe, data, out = sys.argv[1:4]
 res = train(recipe, data, out=out, progress=False)
-with torch.no_grad():
-    flat = torch.cat([p.detach().float().reshape(-1) for p in res.model.parameters()])
+with torch.no_grad():  # FSDP: each rank's own shard; DDP: the whole model
+    flat = torch.cat([getattr(p, "to_local", lambda: p)().detach().float().reshape(-1) for p in res.model.parameters()])
     mine = torch.stack([flat.sum(), flat.square().sum(), flat[::97].sum()]).double()
 gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, mine)

@@ -22,12 +22,15 @@ def plays(tmp_path_factory, shakespeare_files, small_tokenizer) -> Path:
     return pack_texts(shakespeare_files[:4], small_tokenizer, out)
 
 
-def test_ddp_two_processes_match_one(tmp_path, plays):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, plays, distributed):
     """torchrun --nproc_per_node 2 (gloo): per-step losses and gradient norms equal a single process
-    with the same global batch, the data order is the same, and the ranks' weights stay identical."""
+    with the same global batch, the data order is the same, and (DDP) the ranks' weights stay
+    identical; (FSDP2) the gathered checkpoint resumes."""
     from qovaryx_model.trainer import train
 
-    recipe = write_recipe(tmp_path / "r.yaml", target_tokens=4 * 2048, grad_accum_steps=2, save_every=0)
+    recipe = write_recipe(tmp_path / "r.yaml", target_tokens=4 * 2048, grad_accum_steps=2, save_every=2,
+                          distributed=distributed)
     single = train(recipe, plays, out=tmp_path / "one", progress=False)
     env = {**os.environ, "QOVARYX_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -41,15 +44,26 @@ def test_ddp_two_processes_match_one(tmp_path, plays):
         assert x["data_order_fingerprint"] == y["data_order_fingerprint"] and x["targets"] == y["targets"]
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
     ranks = json.loads((tmp_path / "two" / "ranks.json").read_text())
-    assert ranks[0] == ranks[1]  # bitwise: DDP applies the same averaged gradients on every rank
+    if distributed == "ddp":
+        assert ranks[0] == ranks[1]  # bitwise: DDP applies the same averaged gradients on every rank
+    else:
+        assert ranks[0] != ranks[1]  # each rank holds its own shard
+    # the checkpoint two ranks wrote loads into one process and continues like the single run
+    from transformers import AutoModelForCausalLM
+
+    two_ckpt = tmp_path / "two" / "checkpoints" / "step-00000004"
+    a_w = AutoModelForCausalLM.from_pretrained(single.checkpoint, trust_remote_code=True).state_dict()
+    b_w = AutoModelForCausalLM.from_pretrained(two_ckpt, trust_remote_code=True).state_dict()
+    for k in a_w:
+        torch.testing.assert_close(b_w[k], a_w[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_ranks_read_disjoint_micro_batches_whose_union_is_the_single_plan(plays):
     from qovaryx_data import PackedDataset
-    from qovaryx_model.trainer import Recipe
+    from qovaryx_model.trainer import load_recipe
     from qovaryx_model.trainer.data import PlanStream, Sampler
 
-    recipe = Recipe(**{**TINY, "grad_accum_steps": 4, "length_curriculum": "(32,2)(64,-1)"})
+    recipe = load_recipe(mapping={**TINY, "grad_accum_steps": 4, "length_curriculum": "(32,2)(64,-1)"})
     ds = [PackedDataset(plays)]
 
     def plans(rank, world, n):
@@ -71,11 +85,11 @@ def test_ranks_read_disjoint_micro_batches_whose_union_is_the_single_plan(plays)
 
 def test_blend_follows_the_weights_and_resumes_mid_epoch(plays, tmp_path, shakespeare_files, small_tokenizer):
     from qovaryx_data import PackedDataset
-    from qovaryx_model.trainer import Recipe
+    from qovaryx_model.trainer import load_recipe
     from qovaryx_model.trainer.data import Sampler
 
     other = PackedDataset(pack_texts(shakespeare_files[4:6], small_tokenizer, tmp_path / "other"))
-    recipe = Recipe(**TINY)
+    recipe = load_recipe(mapping=TINY)
     s = Sampler([PackedDataset(plays), other], [3.0, 1.0], recipe, 7)
     for _ in range(5):
         s.plan_step()

@@ -154,3 +154,36 @@ def compare_meta(meta: dict, now: dict, folder: Path) -> None:
 
 def _norm(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
+
+
+def gather_states(model, optimizer, fsdp: bool, main: bool):
+    """(a model to export, the optimizer state) for a checkpoint. Under FSDP the sharded weights and
+    optimizer state are gathered into full tensors on the CPU (a collective: every rank calls it),
+    and rank 0 exports a CPU copy of the model built from them."""
+    if not fsdp:
+        return model, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if not main:
+        return None, osd
+    from ..model import QovaryxForCausalLM
+
+    with torch.device("meta"):
+        copy = QovaryxForCausalLM(model.config)
+    copy.load_state_dict(sd, assign=True, strict=False)
+    if model.config.tie_embeddings:
+        copy.tie_weights()
+    return copy, osd
+
+
+def load_optimizer_state(model, optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

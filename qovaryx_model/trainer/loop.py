@@ -27,7 +27,7 @@ from .metrics import MetricsLog, Throughput, bits_per_byte, flops_per_token, fmt
 from .optim import Schedule, build_optimizer
 from .recipe import Recipe, TrainerError, load_recipe
 from .setup import (build_model, check_data_fits, check_tokenizer, decision_class_weights, fresh_config,
-                    init_config, init_distributed, open_data)
+                    init_config, init_distributed, open_data, wrap_model)
 
 TERMS = ("loss", "lm_loss", "mtp_loss", "decision_loss", "moe_aux_loss", "moe_z_loss")
 
@@ -81,6 +81,8 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
     model = build_model(cfg, recipe.seed, dd.device, source)
     if recipe.activation_checkpointing:
         model.model.gradient_checkpointing = True
+    fsdp = dd.world > 1 and recipe.distributed == "fsdp"
+    wrapped = wrap_model(model, fsdp, dd)  # before the optimizer: FSDP2 replaces the parameters
     optimizer = build_optimizer(model, recipe, dd.device)
     schedule = Schedule(optimizer, recipe)
     sampler = Sampler(rd.train, rd.weights, recipe, recipe.seed)
@@ -89,23 +91,12 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
         meta = ckpt.read_meta(resumed_from)
         ckpt.compare_meta(meta, meta_now, resumed_from)
         state = ckpt.load_state(resumed_from)
-        optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
         schedule.load_state_dict(state["schedule"])
         sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(state["rng"])
         start_step, tokens = int(meta["step"]), int(meta["tokens"])
 
-    wrapped = model
-    if dd.world > 1:
-        if recipe.distributed == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.model.layers:
-                fully_shard(block)
-            wrapped = fully_shard(model)
-        else:
-            wrapped = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dd.local_rank] if dd.device.type == "cuda" else None)
     forward = torch.compile(wrapped) if recipe.compile else wrapped
     use_bf16 = recipe.mixed_precision == "bf16" and (dd.device.type == "cuda" or recipe.autocast_cpu)
     autocast = (lambda: torch.autocast(dd.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -138,11 +129,12 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
         return row.get("val_loss")
 
     def save(step: int) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        full_model, opt_state = ckpt.gather_states(model, optimizer, fsdp, dd.main)  # collective under FSDP
+        state = {"optimizer": opt_state, "schedule": schedule.state_dict(),
                  "sampler": sampler_state, "rng": ckpt.rng_state()}
         meta = {"step": step, "tokens": tokens, "qovaryx_version": __version__, **meta_now,
                 "recipe": recipe.to_dict(), "data_order_fingerprint": sampler_state["fingerprint"]}
-        path = ckpt.save_checkpoint(out, step, model, rd.tokenizer_dir, state, meta, recipe.keep_checkpoints) \
+        path = ckpt.save_checkpoint(out, step, full_model, rd.tokenizer_dir, state, meta, recipe.keep_checkpoints) \
             if dd.main else None
         if dd.world > 1:
             torch.distributed.barrier()
@@ -184,7 +176,7 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
             dt = thr.lap()
             row = {"step": step + 1, "tokens": tokens, "seq_len": L, "lr": recipe.lr * lr_factor,
                    **{k: float(v) for k, v in sums.items() if (k == "loss" or v != 0)},
-                   "targets": int(counts["lm"]), "grad_norm": float(grad_norm), "tokens_per_s": recipe.tokens_per_step / dt,
+                   "targets": int(counts["lm"]), "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()), "tokens_per_s": recipe.tokens_per_step / dt,
                    "data_wait": wait / dt, "step_time": dt, "data_order_fingerprint": sampler_state["fingerprint"],
                    "peak_mem_mb": _peak_mem_mb(dd.device)}
             if peak:

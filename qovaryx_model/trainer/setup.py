@@ -179,3 +179,16 @@ def check_tokenizer(folder: Path, data: RunData, what: str) -> None:
     if got != data.tokenizer_hash:
         raise TrainerError(f"{what} {folder} has tokenizer {got[:16]}…, the data ({data.train[0].path}) was packed "
                            f"with {data.tokenizer_hash[:16]}…: a model cannot read another tokenizer's ids")
+
+
+def wrap_model(model: torch.nn.Module, fsdp: bool, dd: Dist) -> torch.nn.Module:
+    """DDP under torchrun; with `fsdp`, FSDP2's fully_shard on every block and then the model (in place)."""
+    if dd.world == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(model.model.layers) + [d.block for d in model.mtp]:
+            fully_shard(block)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if dd.device.type == "cuda" else None)
