@@ -1,0 +1,86 @@
+"""The trainer on rows with images and decision labels: Fashion-MNIST (4 classes, captions that do
+not name the class), so the patch encoder and the decision head must learn from the pixels."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from fmnist import load_fashion_mnist
+from trainer_util import metrics, steps, write_recipe
+
+KEEP = (0, 1, 7, 8)  # T-shirt/top, Trouser, Sneaker, Bag -> decision classes 0..3
+CAPTIONS = ["A small picture.", "Look at this image.", "An item, photographed.", "What is this?"]
+
+
+@pytest.fixture(scope="module")
+def fmnist_pack(tmp_path_factory, fashion_mnist_dir, small_tokenizer) -> Path:
+    images, labels = load_fashion_mnist(fashion_mnist_dir, 6000)
+    keep = np.isin(labels, KEEP) if labels.max() > 3 else np.ones(len(labels), bool)  # fallback data: 4 classes
+    images, labels = images[keep][:2400], labels[keep][:2400]
+    to_class = {c: i for i, c in enumerate(KEEP)} if labels.max() > 3 else {c: c for c in range(4)}
+    root = tmp_path_factory.mktemp("fmnist")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(0)
+    with open(root / "rows.jsonl", "w") as f:
+        for i, (a, y) in enumerate(zip(images, labels)):
+            Image.fromarray(a).save(root / "img" / f"{i:05d}.png")
+            # the caption is drawn independently of the label: it tells the model nothing
+            f.write(json.dumps({"text": CAPTIONS[rng.integers(4)], "image": f"img/{i:05d}.png",
+                                "label": to_class[int(y)]}) + "\n")
+    manifest = {"name": "fmnist4", "tokenizer": str(small_tokenizer), "output": str(root / "packed"),
+                "validation": 0.2, "images": {"size": [28, 28], "mode": "L"},
+                "sources": [{"path": str(root / "rows.jsonl"), "format": "jsonl", "image_field": "image",
+                             "decision_field": "label"}]}
+    (root / "m.yaml").write_text(yaml.safe_dump(manifest))
+    from qovaryx_data import pack
+
+    pack(root / "m.yaml", workers=1, progress=False)
+    return root / "packed"
+
+
+MM = dict(mtp_k=1, chart_patch_encoder_enabled=True, image_size=28, image_channels=1, patch_size=7,
+          decision_head_enabled=True, decision_weight=1.0, max_seq_len=16, tokens_per_batch=1024,
+          grad_accum_steps=1, target_tokens=70 * 1024, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_tokens=1024)
+
+
+def test_patch_encoder_and_decision_head_learn_from_the_pixels(tmp_path, fmnist_pack):
+    from qovaryx_model.trainer import train
+
+    res = train(write_recipe(tmp_path / "mm.yaml", **MM, class_weighted_decision=True), fmnist_pack,
+                out=tmp_path / "run", progress=False)
+    rows = steps(res.out)
+    assert all("decision_loss" in r for r in rows) and rows[-1]["decision_loss"] < rows[0]["decision_loss"]
+    acc = [r for r in metrics(res.out) if r.get("eval")][-1]
+    assert acc["val_decision_rows"] > 300 and acc["val_decision_acc"] >= 0.60, acc
+
+
+def test_refuses_a_model_of_another_image_shape_or_without_the_heads(tmp_path, fmnist_pack):
+    from qovaryx_model.trainer import TrainerError, train
+
+    with pytest.raises(TrainerError, match=r"images are \(28, 28, 1\).*expects \(32, 32, 1\)"):
+        train(write_recipe(tmp_path / "a.yaml", **{**MM, "image_size": 32, "patch_size": 8}), fmnist_pack,
+              out=tmp_path / "a", progress=False)
+    with pytest.raises(TrainerError, match="no patch encoder"):
+        train(write_recipe(tmp_path / "b.yaml", **{**MM, "chart_patch_encoder_enabled": False}), fmnist_pack,
+              out=tmp_path / "b", progress=False)
+    with pytest.raises(TrainerError, match="no decision head"):
+        train(write_recipe(tmp_path / "c.yaml", **{**MM, "decision_head_enabled": False}), fmnist_pack,
+              out=tmp_path / "c", progress=False)
+    with pytest.raises(TrainerError, match=r"longer than max_seq_len \+ 1 = 3 tokens.*rows\.jsonl row"):
+        train(write_recipe(tmp_path / "d.yaml", **{**MM, "max_seq_len": 2, "tokens_per_batch": 1024}), fmnist_pack,
+              out=tmp_path / "d", progress=False)
+
+
+def test_class_weights_follow_the_label_counts(fmnist_pack):
+    from qovaryx_data import PackedDataset
+    from qovaryx_model.trainer.setup import RunData, decision_class_weights
+
+    ds = PackedDataset(fmnist_pack / "train")
+    w = decision_class_weights(RunData([ds], [1.0], None, ds.tokenizer_dir, "", {}), 4)
+    counts = np.bincount([ds[int(i)].decision for i in ds.multimodal_doc_indices], minlength=4)
+    np.testing.assert_allclose(w, counts.sum() / (4 * counts), rtol=1e-9)
