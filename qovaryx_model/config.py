@@ -24,16 +24,23 @@ CHECKPOINT_FORMAT_VERSION = "1.0"
 FFN_KINDS = ("swiglu", "ternary_swiglu", "lowrank_swiglu", "routed_lowrank_swiglu")
 ATTN_BACKENDS = ("sdpa", "flash")
 CALIBRATION_KINDS = ("none", "brier")
+INITIALIZERS = ("xavier", "normal")
+RESIDUAL_INITS = ("none", "scaled", "zero")
 
 # Presets are named data. Shapes follow the model card (d_model, n_layer, n_head, n_kv_head, d_ff);
+# every preset also carries LEARNING_DEFAULTS (measured in benchmarks/bench_learning.py, docs/MODEL.md);
 # everything else keeps the config defaults (untied head, MTP-K=4). See docs/MODEL.md for counts.
+LEARNING_DEFAULTS = dict(initializer="normal", initializer_range=0.02, residual_init="scaled")
 PRESETS: dict[str, dict] = {
     # Tiny, for tests and smoke runs: 2 layers, GQA 4:2, head_dim 16.
     "debug": dict(d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=176, max_seq_len=256, ffn_rank=16,
-                  image_size=28, patch_size=7),
-    "50m": dict(d_model=512, n_layer=12, n_head=8, n_kv_head=2, d_ff=1408, max_seq_len=4096, ffn_rank=64),
-    "350m": dict(d_model=1024, n_layer=24, n_head=16, n_kv_head=4, d_ff=2816, max_seq_len=4096, ffn_rank=128),
-    "1b": dict(d_model=2048, n_layer=22, n_head=16, n_kv_head=4, d_ff=5504, max_seq_len=4096, ffn_rank=128),
+                  image_size=28, patch_size=7, **LEARNING_DEFAULTS),
+    "50m": dict(d_model=512, n_layer=12, n_head=8, n_kv_head=2, d_ff=1408, max_seq_len=4096, ffn_rank=64,
+                **LEARNING_DEFAULTS),
+    "350m": dict(d_model=1024, n_layer=24, n_head=16, n_kv_head=4, d_ff=2816, max_seq_len=4096, ffn_rank=128,
+                 **LEARNING_DEFAULTS),
+    "1b": dict(d_model=2048, n_layer=22, n_head=16, n_kv_head=4, d_ff=5504, max_seq_len=4096, ffn_rank=128,
+               **LEARNING_DEFAULTS),
 }
 
 
@@ -97,6 +104,13 @@ class QovaryxConfig(PreTrainedConfig):
     pad_token_id: int | None = 1
     use_cache: bool = True
     initializer_gain: float = 1.0  # Xavier gain for Linear/Conv/Embedding (see docs/MODEL.md)
+    # --- initialization and learning-quality knobs (docs/MODEL.md "Initialization"; class defaults
+    # are the card's behaviour so older config.json files load unchanged; PRESETS carry the new ones) ---
+    initializer: str = "xavier"  # "xavier" (the card's Glorot) or "normal" (GPT-2: N(0, initializer_range))
+    initializer_range: float = 0.02  # std of the "normal" initializer (HF's name)
+    residual_init: str = "none"  # o_proj and FFN down_proj: "none" (as any Linear), "scaled" (x 1/sqrt(2 n_layer)), "zero"
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (OLMo-2 style)
+    logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c) (Gemma-2 / modded-nanogpt); 0 = off
     format_version: str = CHECKPOINT_FORMAT_VERSION  # checkpoint layout version, written into config.json
 
     def __post_init__(self, **kwargs):
@@ -157,6 +171,14 @@ class QovaryxConfig(PreTrainedConfig):
                 raise bad("image_channels", self.image_channels, "use 1 (grey), 3 (RGB) or 4 (RGBA)")
             if self.patch_size < 1 or self.image_size % self.patch_size:
                 raise bad("patch_size", self.patch_size, f"must divide image_size ({self.image_size})")
+        if self.initializer not in INITIALIZERS:
+            raise bad("initializer", self.initializer, f"choose one of {INITIALIZERS}")
+        if self.residual_init not in RESIDUAL_INITS:
+            raise bad("residual_init", self.residual_init, f"choose one of {RESIDUAL_INITS}")
+        if not self.initializer_range > 0:
+            raise bad("initializer_range", self.initializer_range, "use a positive standard deviation (GPT-2: 0.02)")
+        if self.logit_softcap < 0:
+            raise bad("logit_softcap", self.logit_softcap, "use 0 (off) or a positive cap such as 30")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, (list, tuple)) else [value]

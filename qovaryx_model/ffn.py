@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def mark_residual_out(proj: nn.Module) -> None:
+    """Mark the Linear that writes a projection's output (the B factor of a low-rank pair) as a
+    residual-stream output, which `config.residual_init` scales or zeroes at init (model.py)."""
+    (proj.b if isinstance(proj, LowRankLinear) else proj).residual_out = True
+
+
 class SwiGLU(nn.Module):
     """Dense SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
@@ -21,6 +27,7 @@ class SwiGLU(nn.Module):
         self.gate_proj = linear(d_model, d_ff, bias=False)
         self.up_proj = linear(d_model, d_ff, bias=False)
         self.down_proj = linear(d_ff, d_model, bias=False)
+        mark_residual_out(self.down_proj)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
@@ -159,6 +166,7 @@ class LowRankLinear(nn.Module):
         super().__init__()
         self.a = nn.Linear(d_in, rank, bias=False)
         self.b = nn.Linear(rank, d_out, bias=False)
+        self.b.lowrank_b = True  # init: N(0, 1/sqrt(rank)) under initializer="normal" (model.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(self.a(x))

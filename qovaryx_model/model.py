@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
 from .config import QovaryxConfig
-from .ffn import build_ffn
+from .ffn import build_ffn, mark_residual_out
 from .heads import DecisionHead, MTPDepth, PatchEncoder
 
 IGNORE = -100
@@ -209,12 +209,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.hd, d, bias=False)
+        mark_residual_out(self.o_proj)
+        # optional QK-norm: RMSNorm over head_dim of every query and key head, before RoPE
+        self.q_norm = nn.RMSNorm(self.hd, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.hd, eps=config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x, rope, mask: AttnMask, cache: Cache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -305,19 +311,42 @@ class QovaryxPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Glorot/Xavier per layer kind: uniform for Linear and Conv2d, normal for the embedding;
-        biases 0, norms 1, patch position embeddings N(0, 0.02)."""
-        gain = self.config.initializer_gain
+        """`initializer="xavier"` (the card): Glorot uniform for Linear and Conv2d (gain
+        `initializer_gain`), Xavier normal for the embedding. `"normal"` (GPT-2): N(0, initializer_range)
+        for both. Either way biases 0, norms 1, patch position embeddings N(0, 0.02). A low-rank pair
+        B·A under "normal" has A ~ N(0, range) and B ~ N(0, 1/sqrt(rank)), so B·A has std `range`
+        like a dense weight. `residual_init` then scales ("scaled": 1/sqrt(2·n_layer), the trunk's
+        n_layer) or zeroes the Linears marked `residual_out`, the ones that write into the residual
+        stream: attention `o_proj` and the FFN `down_proj` (its B factor when low-rank, in every routed
+        expert), in the trunk and the MTP depths alike. (transformers calls this on the modules that
+        hold parameters themselves, so the marks sit on the Linears.)"""
+        cfg = self.config
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.xavier_uniform_(module.weight, gain=gain)
+            scale = self.residual_scale if getattr(module, "residual_out", False) else 1.0
+            if scale == 0:
+                init.zeros_(module.weight)
+            elif cfg.initializer == "normal":
+                lowrank_b = getattr(module, "lowrank_b", False)  # B of B·A: its input width is the rank
+                std = scale / module.in_features ** 0.5 if lowrank_b else cfg.initializer_range * scale
+                init.normal_(module.weight, std=std)
+            else:
+                init.xavier_uniform_(module.weight, gain=cfg.initializer_gain * scale)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            init.xavier_normal_(module.weight, gain=gain)
+            if cfg.initializer == "normal":
+                init.normal_(module.weight, std=cfg.initializer_range)
+            else:
+                init.xavier_normal_(module.weight, gain=cfg.initializer_gain)
         elif isinstance(module, nn.RMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, PatchEncoder):
             init.normal_(module.pos, std=0.02)
+
+    @property
+    def residual_scale(self) -> float:
+        """Init factor of the residual output projections: 1 ("none"), 1/sqrt(2 * n_layer) or 0."""
+        return {"none": 1.0, "scaled": (2 * self.config.n_layer) ** -0.5, "zero": 0.0}[self.config.residual_init]
 
 
 class QovaryxModel(QovaryxPreTrainedModel):
@@ -448,6 +477,12 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head, soft-capped to (-c, c) by c * tanh(logits / c) when logit_softcap = c > 0."""
+        logits = self.lm_head(h)
+        c = self.config.logit_softcap
+        return c * torch.tanh(logits / c) if c else logits
+
     def set_output_embeddings(self, value):
         self.lm_head = value
 
@@ -493,7 +528,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             attention_mask = real  # the losses read the 2-D padding mask
 
         keep = text[:, -logits_to_keep:] if (logits_to_keep and labels is None) else text
-        out.logits = self.lm_head(keep)  # (B, T or logits_to_keep, V)
+        out.logits = self.head_logits(keep)  # (B, T or logits_to_keep, V)
 
         terms = []  # (weight, loss) that make up out.loss
         norm = _Normalizer(num_items_in_batch)
@@ -626,7 +661,7 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             mask = t.mask.truncate(t.n_prefix, L)
             assert mask.dense is not None or mask.is_causal, "build_mask masks every forward of more than one token"
             h, _ = self.model.run_block(depth.block, x, rope, mask)  # (B, L, d); MTP router stats unused
-            logits = self.lm_head(depth.norm(h))  # (B, L, V): position i predicts t_{i+k+1}
+            logits = self.head_logits(depth.norm(h))  # (B, L, V): position i predicts t_{i+k+1}
             total, count = self._ce_sum(logits, tgt)
             losses.append(norm(total, count, "mtp", k - 1))
         return losses
