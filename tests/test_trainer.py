@@ -38,7 +38,7 @@ def run_train(tmp_path, name, data, **keys):
 
 
 def test_debug_recipe_learns_below_unigram_entropy(tmp_path, plays):
-    """The shipped debug recipe (sized down to the test tokenizer's budget) ends well below the
+    """The shipped debug recipe (with the 2,048-token test tokenizer) ends more than 1 nat below the
     unigram entropy of the validation data, and its checkpoint loads with transformers."""
     from transformers import AutoModelForCausalLM
 
@@ -47,16 +47,15 @@ def test_debug_recipe_learns_below_unigram_entropy(tmp_path, plays):
     from qovaryx_model.trainer.data import unigram_entropy
 
     res = train(REPO / "pipelines" / "recipes" / "debug.yaml", plays, out=tmp_path / "run", progress=False,
-                overrides={"target_tokens": 40 * 4096, "grad_accum_steps": 1, "num_workers": 1,
-                           "eval_every": 20, "save_every": 0})
+                overrides={"save_every": 0})
     val = PackedDataset(plays / "val")
     h1 = unigram_entropy(val, 2048)
     assert res.val_loss is not None and res.val_loss < h1 - 1.0, (res.val_loss, h1)
     rows = metrics(res.out)
     evals = [r for r in rows if r.get("eval")]
-    assert [r["step"] for r in evals] == [20, 40] and 0 < evals[-1]["val_bpb"] < 8
+    assert [r["step"] for r in evals] == [100, 200, 300] and 0 < evals[-1]["val_bpb"] < 8
     train_rows = [r for r in rows if not r.get("eval")]
-    assert [r["step"] for r in train_rows] == list(range(1, 41))
+    assert [r["step"] for r in train_rows] == list(range(1, 301))
     assert {"lm_loss", "mtp_loss", "grad_norm", "lr", "tokens_per_s", "data_wait", "data_order_fingerprint",
             "seq_len", "peak_mem_mb"} <= set(train_rows[-1])
     assert res.loss_png is not None and res.loss_png.stat().st_size > 1000
