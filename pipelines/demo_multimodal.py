@@ -141,8 +141,9 @@ def train_stage(args, name: str, weight: float) -> dict:
 
     overrides = {"calibration_loss_weight": weight}
     recipe = load_recipe(RECIPE, overrides)
-    if args.steps:
+    if args.steps:  # a shorter (or longer) run: the schedule spans it, warmup at most a tenth of it
         overrides["target_tokens"] = args.steps * recipe.tokens_per_step
+        overrides["warmup_steps"] = min(recipe.warmup_steps, max(1, args.steps // 10))
     say("train", f"{name}: calibration_loss_weight {weight}, {RECIPE.relative_to(REPO)}")
     run = args.build / "runs" / name
     if run.exists():
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     args.chart_config = ChartConfig(n=args.charts, seed=args.seed)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars between our lines
     from pipelines.multimodal_report import write_report
 
     st = Stages(args.build, args.force)
