@@ -200,3 +200,29 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, plays):
                           target_tokens=30 * 2048, save_every=0)
     with pytest.raises(TrainerError, match=r"the loss is (nan|inf).*no checkpoint was written yet"):
         train(recipe, plays, out=tmp_path / "o", progress=False)
+
+
+def test_activation_checkpointing_recomputes_the_same_step(tmp_path, plays):
+    """activation_checkpointing: true recomputes each block in the backward: the same losses and
+    gradient norms as without it (two computations: a tolerance)."""
+    from qovaryx_model.trainer import train
+
+    runs = [train(write_recipe(tmp_path / f"r{ac}.yaml", activation_checkpointing=ac, target_tokens=3 * 2048,
+                               save_every=0), plays, out=tmp_path / f"o{ac}", progress=False) for ac in (False, True)]
+    a, b = steps(runs[0].out), steps(runs[1].out)
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
+def test_bf16_weights_and_autocast_on_cpu_train(tmp_path, plays):
+    """param_dtype bf16 with 8-bit AdamW and bf16 autocast (forced on CPU): the path the card's 1B uses
+    on a 16 GB GPU runs, its losses stay finite and fall, and the checkpoint holds bf16 weights."""
+    import json
+
+    from qovaryx_model.trainer import train
+
+    res = train(write_recipe(tmp_path / "r.yaml", param_dtype="bf16", optimizer="adamw_8bit", autocast_cpu=True,
+                             target_tokens=6 * 2048, save_every=0), plays, out=tmp_path / "o", progress=False)
+    rows = steps(res.out)
+    assert all(r["loss"] == r["loss"] for r in rows) and rows[-1]["lm_loss"] < rows[0]["lm_loss"]
+    assert json.loads((res.checkpoint / "config.json").read_text())["dtype"] == "bfloat16"

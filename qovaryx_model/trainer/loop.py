@@ -78,7 +78,7 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
     check_data_fits(cfg, recipe, rd)
     if recipe.class_weighted_decision and cfg.decision_head_enabled:
         cfg.decision_class_weights = decision_class_weights(rd, cfg.decision_num_classes)
-    model = build_model(cfg, recipe.seed, dd.device, source)
+    model = build_model(cfg, recipe.seed, dd.device, source, recipe.param_dtype)
     if recipe.activation_checkpointing:
         model.model.gradient_checkpointing = True
     fsdp = dd.world > 1 and recipe.distributed == "fsdp"

@@ -139,6 +139,7 @@ class Recipe:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     mixed_precision: str = "bf16"  # bf16 | fp32: bf16 autocast on CUDA (CPU stays fp32 unless autocast_cpu)
     autocast_cpu: bool = False  # also use bf16 autocast on CPU (slow on most CPUs; for tests of the path)
+    param_dtype: str = "fp32"  # fp32 master weights, or bf16 weights (half the memory; the card's 1B on 16 GB)
     class_weighted_decision: bool = False  # decision CE weights N / (C * n_c) from the dataset's counts
     seed: int = 0  # model init and data order
     compile: bool = False  # torch.compile the model
@@ -207,6 +208,8 @@ class Recipe:
             raise bad("optimizer", f"{self.optimizer!r} is unknown; choose one of {sorted(OPTIMIZERS)}")
         if self.mixed_precision not in ("bf16", "fp32"):
             raise bad("mixed_precision", f"{self.mixed_precision!r}: choose bf16 or fp32")
+        if self.param_dtype not in ("fp32", "bf16"):
+            raise bad("param_dtype", f"{self.param_dtype!r}: choose fp32 or bf16")
         if self.distributed not in ("ddp", "fsdp"):
             raise bad("distributed", f"{self.distributed!r}: choose ddp or fsdp")
         self._check_model(bad)

@@ -163,12 +163,13 @@ def decision_class_weights(data: RunData, n_classes: int) -> list[float]:
     return [float(n / (n_classes * c)) if c > 0 else 0.0 for c in counts]
 
 
-def build_model(cfg: QovaryxConfig, seed: int, device: torch.device, init_from: Path | None) -> QovaryxForCausalLM:
+def build_model(cfg: QovaryxConfig, seed: int, device: torch.device, init_from: Path | None,
+                param_dtype: str = "fp32") -> QovaryxForCausalLM:
     torch.manual_seed(seed)
     model = QovaryxForCausalLM(cfg)
     if init_from is not None:
         load_model_weights(model, init_from)
-    return model.to(device)
+    return model.to(device=device, dtype=torch.bfloat16 if param_dtype == "bf16" else torch.float32)
 
 
 def check_tokenizer(folder: Path, data: RunData, what: str) -> None:
