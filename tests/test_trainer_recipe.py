@@ -226,3 +226,17 @@ def test_bf16_weights_and_autocast_on_cpu_train(tmp_path, plays):
     rows = steps(res.out)
     assert all(r["loss"] == r["loss"] for r in rows) and rows[-1]["lm_loss"] < rows[0]["lm_loss"]
     assert json.loads((res.checkpoint / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_muon_trains_and_resumes_exactly(tmp_path, plays):
+    """optimizer: muon (Muon on the hidden matrices, AdamW on the rest): the loss falls, and a resumed
+    run logs the uninterrupted run's losses exactly."""
+    from qovaryx_model.trainer import train
+
+    keys = dict(optimizer="muon", target_tokens=6 * 2048, save_every=0, lr=2e-3, min_lr=2e-4)
+    full = train(write_recipe(tmp_path / "m.yaml", **keys), plays, out=tmp_path / "full", progress=False)
+    train(write_recipe(tmp_path / "m.yaml", **keys), plays, out=tmp_path / "part", max_steps=3, progress=False)
+    again = train(write_recipe(tmp_path / "m.yaml", **keys), plays, out=tmp_path / "part", resume=True, progress=False)
+    a, b = steps(full.out), steps(again.out)
+    assert a[-1]["lm_loss"] < a[0]["lm_loss"]
+    assert [x["loss"] for x in a] == [y["loss"] for y in b]

@@ -69,8 +69,18 @@ def _probe_8bit(bnb, device) -> None:
     opt.step()
 
 
+def _muon(model, recipe, device) -> torch.optim.Optimizer:
+    """Muon (torch.optim.Muon, Newton-Schulz orthogonalized momentum at AdamW-matched update RMS) for
+    the hidden matrices, AdamW for the embedding, the head, norms and biases (qovaryx_model.muon;
+    docs/MODEL.md has the measurements). Not with FSDP: its state is two optimizers'."""
+    from ..muon import MuonAdamW
+    from ..muon import param_groups as muon_groups
+
+    return MuonAdamW(muon_groups(model, recipe.lr, recipe.weight_decay), betas=recipe.betas)
+
+
 # name -> builder(model, recipe, device). A new optimizer is one entry here.
-OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adamw_8bit": _adamw_8bit}
+OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adamw_8bit": _adamw_8bit, "muon": _muon}
 
 
 def build_optimizer(model: nn.Module, recipe, device: torch.device) -> torch.optim.Optimizer:

@@ -129,7 +129,7 @@ class Recipe:
     max_seq_len: int = 2048  # longest sequence; validation runs at this length
     length_curriculum: Any = None  # "(512,1000)(1024,-1)" or a list; None: max_seq_len throughout
     # --- optimization ---
-    optimizer: str = "adamw"  # a key of trainer.optim.OPTIMIZERS: adamw | adamw_8bit
+    optimizer: str = "adamw"  # a key of trainer.optim.OPTIMIZERS: adamw | adamw_8bit | muon
     lr: float = 2e-4  # peak learning rate
     min_lr: float | None = None  # cosine floor; None: lr / 10
     warmup_steps: int = 500  # linear warmup from 0 (capped at the schedule's length)
@@ -212,6 +212,8 @@ class Recipe:
             raise bad("param_dtype", f"{self.param_dtype!r}: choose fp32 or bf16")
         if self.distributed not in ("ddp", "fsdp"):
             raise bad("distributed", f"{self.distributed!r}: choose ddp or fsdp")
+        if self.distributed == "fsdp" and self.optimizer == "muon":
+            raise bad("optimizer", "muon is not supported with distributed: fsdp; use adamw or adamw_8bit")
         self._check_model(bad)
         self.stages = self._stages(bad)
         for s in self.stages:
