@@ -121,13 +121,16 @@ def write_report(build: Path, charts: dict, packed: dict, runs: dict, evals: dic
     split_rows = [[split, f"{d['rows']:,}", f"{d['tokens']:,}", " / ".join(map(str, d["counts"])),
                    "x".join(map(str, d["image_shape"]))] for split, d in packed.items()]
     ckpt = runs[first]["checkpoint"]
+    mc = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))
+    side, patch = mc["image_size"], mc["patch_size"]
+    n_prefix = (side // patch) ** 2
     text = f"""# Multimodal demo: the chart-patch encoder and the calibrated decision head
 
 Validation accuracy **{ev0['accuracy']:.1%}** against a majority-class baseline of
 {ev0['majority_accuracy']:.1%} (goal >= 85%: {goal}); {len(evals)} trainings, {total:.0f}s for this
 run of the demo (stage times below).
 
-The model sees a 32x32 greyscale chart as 64 prefix tokens (the strided-Conv2d patch encoder) and a
+The model sees a {side}x{side} greyscale chart as {n_prefix} prefix tokens ({patch}x{patch} patches, the strided-Conv2d patch encoder) and a
 caption that never depends on the label ("ABCD: 24 daily closes from 412.50."), and the decision
 head reads the hidden state at the caption's last token. So everything it gets right, it read
 from the pixels.
