@@ -69,7 +69,7 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
         if resumed_from is None and dd.main:
             print(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting from scratch", file=sys.stderr)
     if resumed_from is not None:
-        cfg, source = init_config(recipe, resumed_from), resumed_from
+        cfg, source = init_config(recipe, resumed_from, "cannot --resume from"), resumed_from
     elif init_from is not None:
         check_tokenizer(Path(init_from), rd, "--init-from")
         cfg, source = init_config(recipe, Path(init_from)), Path(init_from)

@@ -97,17 +97,18 @@ def fresh_config(recipe: Recipe, data: RunData) -> QovaryxConfig:
         raise TrainerError(f"recipe{' ' + recipe.source if recipe.source else ''}: {e}") from None
 
 
-def init_config(recipe: Recipe, folder: Path) -> QovaryxConfig:
+def init_config(recipe: Recipe, folder: Path, what: str = "--init-from") -> QovaryxConfig:
     """The config of an --init-from folder (its weights have that shape; the recipe's `preset` is not
     used), with the recipe's loss weights and max_seq_len. Any other model field the recipe sets
     must agree with the folder's."""
     cfg = QovaryxConfig.from_pretrained(str(folder))
     differ = [k for k, v in recipe.model.items() if k not in LOSS_FIELDS and getattr(cfg, k) != v]
     if differ:
-        raise TrainerError(f"--init-from {folder}: the recipe's model differs from the folder's in "
+        raise TrainerError(f"{what} {folder}: the recipe's model differs from the folder's in "
                            + ", ".join(f"{k} ({getattr(cfg, k)!r} there, {recipe.model[k]!r} in the recipe)"
                                        for k in differ)
-                           + "; drop those keys from the recipe to fine-tune this model")
+                           + ("; drop those keys from the recipe to fine-tune this model" if what == "--init-from"
+                              else "; resume with the checkpoint's recipe, or start a new --out"))
     for k in LOSS_FIELDS:
         if k in recipe.model:
             setattr(cfg, k, recipe.model[k])
