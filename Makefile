@@ -20,7 +20,7 @@ demo: $(VENV)/.installed-base
 	$(PY) -m pipelines.demo $(DEMO_ARGS)
 
 # The chart-patch encoder and decision head on rendered price charts (no download): report in
-# build/demo-multimodal/report.md. MM_ARGS e.g. '--charts 8000 --steps 1500' or '--force train'.
+# build/demo-multimodal/report.md. MM_ARGS e.g. '--charts 32000 --steps 2400' or '--force train'.
 demo-multimodal: $(VENV)/.installed-base
 	$(PY) -m pipelines.demo_multimodal $(MM_ARGS)
 

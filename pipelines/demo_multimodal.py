@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", type=Path, default=REPO / "build" / "demo-multimodal", help="output folder")
-    p.add_argument("--charts", type=int, default=4000, help="charts to render (default 4,000; 20%% validation)")
+    p.add_argument("--charts", type=int, default=16000, help="charts to render (default 16,000; 20%% validation)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per training (default: the recipe's)")
     p.add_argument("--vocab-size", type=int, default=512, help="caption tokenizer size (default 512)")
     p.add_argument("--workers", type=int, default=None, help="pack worker processes (default: all cores)")

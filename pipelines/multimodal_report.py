@@ -178,7 +178,7 @@ equal-width bins of the top-class probability (0 = perfectly calibrated).
 
 ```bash
 make demo-multimodal                      # = python -m pipelines.demo_multimodal
-python -m pipelines.demo_multimodal --charts 8000 --steps 1500 --force charts   # a bigger run
+python -m pipelines.demo_multimodal --charts 32000 --steps 2400   # a bigger run (stages redo as needed)
 qovaryx-train train --recipe pipelines/recipes/charts.yaml --data {build / 'packed'} \\
     --out {build / 'runs' / 'mine'} --set calibration_loss_weight=0.2
 ```
