@@ -91,8 +91,10 @@ def fresh_config(recipe: Recipe, data: RunData) -> QovaryxConfig:
         ids.update(bos_token_id=special[EOS_TOKEN], eos_token_id=special[EOS_TOKEN])
     if PAD_TOKEN in special:
         ids["pad_token_id"] = special[PAD_TOKEN]
+    # rows of the embedding for every id the tokenizer can produce (ids may be sparse: not the count)
+    vocab = max(tok.get_vocab_size(with_added_tokens=True), max(tok.get_vocab(with_added_tokens=True).values()) + 1)
     try:
-        return recipe.model_config(vocab_size=tok.get_vocab_size(with_added_tokens=True), **ids)
+        return recipe.model_config(vocab_size=vocab, **ids)
     except ValueError as e:
         raise TrainerError(f"recipe{' ' + recipe.source if recipe.source else ''}: {e}") from None
 
