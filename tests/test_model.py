@@ -588,6 +588,9 @@ def test_gpu_check_dry_run_on_cpu(capsys):
     assert gpu_check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "debug flash" in out and "flops of one 350m step" in out
+    # the trainer runs (train() with 350m.yaml and 1b.yaml on the debug preset) reach the summary table
+    table = out[out.index("\nsummary"):]
+    assert "350m bf16 autocast" in table and "1b mtp_k=1 batch 1" in table and "correctness checks: PASS" in table
     if not torch.cuda.is_available():
         assert gpu_check.main([]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
