@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="file", choices=["file", "line", "paragraph"],
                    help="with --corpus of .txt files: one document per file, line or paragraph")
     p.add_argument("--vocab-size", type=int, default=20242, help="tokenizer size (default 20,242)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's, 120)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's, 100)")
     p.add_argument("--force", choices=STAGES, help="redo this stage and every later one")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
