@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -31,64 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.stages import StageFailed, Stages, file_key  # shared with the main demo
+
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "manifests" / "charts.yaml"
 RECIPE = REPO / "pipelines" / "recipes" / "charts.yaml"
 STAGES = ("charts", "tokenizer", "pack", "train", "evaluate", "report")
 CALIBRATION = {"no-calibration": 0.0, "calibration-0.2": 0.2}  # run name -> calibration_loss_weight
 ECE_BINS = 15
-STATE_FORMAT = "qovaryx-demo-multimodal-stages"
 
 
 def say(stage: str, msg: str) -> None:
     print(f"[demo-multimodal:{stage}] {msg}", flush=True)
-
-
-class StageFailed(RuntimeError):
-    """A stage raised: the message names it; the stages before it stay done."""
-
-
-class Stages:
-    """Runs stages in order, skipping one whose key (a hash of its inputs, including the keys of the
-    stages it depends on) matches the last successful run and whose outputs exist. The keys, times
-    and results live in BUILD/stages.json (written atomically after every stage)."""
-
-    def __init__(self, build: Path, force: str | None):
-        self.path = build / "stages.json"
-        self.state = {}
-        if self.path.exists():
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            if data.get("format") == STATE_FORMAT:
-                self.state = data["stages"]
-        self.forced = set(STAGES[STAGES.index(force):]) if force else set()
-        self.seconds: dict[str, tuple[float, bool]] = {}  # stage -> (seconds, skipped)
-
-    @staticmethod
-    def key(*parts) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def run(self, name: str, key: str, outputs: list[Path], fn, stage: str | None = None):
-        """`fn()`'s result (JSON-able), or the recorded one when `name` is up to date. `stage` is the
-        --force name when it differs from `name` (the two trainings are both stage "train")."""
-        old = self.state.get(name)
-        if (stage or name) not in self.forced and old and old["key"] == key and all(p.exists() for p in outputs):
-            say(name, f"up to date ({old['seconds']:.1f}s when built)")
-            self.seconds[name] = (old["seconds"], True)
-            return old["result"]
-        t0 = time.perf_counter()
-        try:
-            result = fn()
-        except Exception as e:
-            raise StageFailed(f"stage {name!r} failed: {type(e).__name__}: {e}") from e
-        dt = time.perf_counter() - t0
-        self.state[name] = {"key": key, "seconds": dt, "result": result}
-        self.seconds[name] = (dt, False)
-        from qovaryx_data.fileio import atomic_write
-
-        atomic_write(self.path, json.dumps({"format": STATE_FORMAT, "version": 1, "stages": self.state},
-                                           indent=1).encode())
-        say(name, f"done in {dt:.1f}s")
-        return result
 
 
 # --- stages -------------------------------------------------------------------------------------
@@ -244,19 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars between our lines
     from pipelines.multimodal_report import write_report
 
-    st = Stages(args.build, args.force)
+    st = Stages(args.build, args.force, STAGES, "demo-multimodal")
     t0 = time.perf_counter()
     try:
-        k_charts = st.key("charts", dataclasses.asdict(args.chart_config), _file_key(REPO / "pipelines" / "charts.py"))
+        k_charts = st.key("charts", dataclasses.asdict(args.chart_config), file_key(REPO / "pipelines" / "charts.py"))
         charts = st.run("charts", k_charts, [args.build / "charts" / "rows.jsonl"], lambda: charts_stage(args))
         k_tok = st.key("tokenizer", k_charts, args.vocab_size)
         st.run("tokenizer", k_tok, [args.build / "tokenizer" / "tokenizer.json"],
                lambda: tokenizer_stage(args, charts["rows"]))
-        k_pack = st.key("pack", k_tok, _file_key(MANIFEST))
+        k_pack = st.key("pack", k_tok, file_key(MANIFEST))
         packed = st.run("pack", k_pack, [args.build / "packed" / "val" / "dataset.json"], lambda: pack_stage(args))
         runs, evals = {}, {}
         for name, w in CALIBRATION.items():
-            k_train = st.key("train", k_pack, _file_key(RECIPE), w, args.steps)
+            k_train = st.key("train", k_pack, file_key(RECIPE), w, args.steps)
             runs[name] = st.run(f"train ({name})", k_train, [args.build / "runs" / name / "checkpoints" / "latest"],
                                 lambda: train_stage(args, name, w), stage="train")
             evals[name] = st.run(f"evaluate ({name})", st.key("evaluate", k_train, ECE_BINS), [],
@@ -269,10 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     say("done", f"{time.perf_counter() - t0:.1f}s; the report is {report['report']}")
     return 0
-
-
-def _file_key(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 if __name__ == "__main__":
