@@ -63,8 +63,6 @@ def test_patch_encoder_and_decision_head_learn_from_the_pixels(tmp_path, fmnist_
     rows = steps(res.out)
     acc = [r for r in metrics(res.out) if r.get("eval")][-1]
     assert all("decision_loss" in r for r in rows) and acc["val_decision_rows"] > 150
-    from qovaryx_data import PackedDataset
-
     if _real(fmnist_pack):
         assert rows[-1]["decision_loss"] < rows[0]["decision_loss"]
         assert acc["val_decision_acc"] >= 0.60, acc
