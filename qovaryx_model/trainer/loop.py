@@ -110,7 +110,8 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
     val_plans = (eval_plans(rd.val, recipe.max_seq_len, recipe.eval_tokens, recipe.tokens_per_batch)
                  if rd.val is not None else [])
     val_loader = BatchLoader([rd.val], image_shape, cfg.decision_head_enabled) if rd.val is not None else None
-    nbytes = token_bytes(rd.tokenizer_dir, cfg.vocab_size) if rd.val is not None else None
+    nbytes = (torch.as_tensor(token_bytes(rd.tokenizer_dir, cfg.vocab_size), device=dd.device)
+              if rd.val is not None else None)
 
     end_step = recipe.total_steps if max_steps is None else min(recipe.total_steps, max_steps)
     log = MetricsLog(out, start_step if resumed_from is not None else None, recipe.tensorboard, dd.main)
@@ -252,7 +253,7 @@ def run_eval(forward, loader: BatchLoader, plans, dd, autocast, nbytes) -> dict:
         if o.lm_loss is not None:
             nats += o.lm_loss.double() * n
         stats[0] += n
-        stats[1] += torch.as_tensor(nbytes, device=dd.device)[tgt[valid]].sum()
+        stats[1] += nbytes[tgt[valid]].sum()
         if o.decision_logits is not None and "decision_labels" in batch:
             lab = batch["decision_labels"]
             has = lab != -100

@@ -17,25 +17,21 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed matrices, and everything else (norms, biases, embeddings, 1-D tensors)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, recipe) -> list[dict]:
+    """qovaryx_model.muon's groups: decayed matrices and head; undecayed embeddings, position tables,
+    norms and biases (one rule for every optimizer)."""
+    from ..muon import param_groups as groups
+
+    return groups(model, recipe.lr, recipe.weight_decay)
 
 
 def _adamw(model, recipe, device) -> torch.optim.Optimizer:
     """torch.optim.AdamW, with the fused kernel where this device has it (CUDA, and CPU in recent torch)."""
     kw = dict(lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
     try:
-        return torch.optim.AdamW(param_groups(model, recipe.weight_decay), fused=True, **kw)
+        return torch.optim.AdamW(param_groups(model, recipe), fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device/dtype
-        return torch.optim.AdamW(param_groups(model, recipe.weight_decay), **kw)
+        return torch.optim.AdamW(param_groups(model, recipe), **kw)
 
 
 _WARNED: set[str] = set()
@@ -49,7 +45,7 @@ def _adamw_8bit(model, recipe, device) -> torch.optim.Optimizer:
     try:
         import bitsandbytes as bnb
 
-        opt = bnb.optim.AdamW8bit(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=recipe.betas,
+        opt = bnb.optim.AdamW8bit(param_groups(model, recipe), lr=recipe.lr, betas=recipe.betas,
                                   eps=recipe.eps)
         _probe_8bit(bnb, device)
         return opt
@@ -74,9 +70,8 @@ def _muon(model, recipe, device) -> torch.optim.Optimizer:
     the hidden matrices, AdamW for the embedding, the head, norms and biases (qovaryx_model.muon;
     docs/MODEL.md has the measurements). Not with FSDP: its state is two optimizers'."""
     from ..muon import MuonAdamW
-    from ..muon import param_groups as muon_groups
 
-    return MuonAdamW(muon_groups(model, recipe.lr, recipe.weight_decay), betas=recipe.betas)
+    return MuonAdamW(param_groups(model, recipe), betas=recipe.betas)
 
 
 # name -> builder(model, recipe, device). A new optimizer is one entry here.
