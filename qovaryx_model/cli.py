@@ -61,7 +61,7 @@ def init(preset: str, tokenizer_dir: str, out: str, dtype: str, seed: int, overr
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def train_command(recipe_path, data, val_data, out, max_steps, resume, init_from, overrides, no_progress) -> None:
     """Train on packed datasets (runs DDP under torchrun)."""
-    from .trainer import TrainerError, train
+    from .trainer import TrainerError, shutdown_distributed, train
     from .trainer.recipe import parse_overrides
 
     try:
@@ -71,7 +71,10 @@ def train_command(recipe_path, data, val_data, out, max_steps, resume, init_from
                     init_from=init_from, overrides=parse_overrides(overrides), progress=not no_progress)
     except (TrainerError, QovaryxDataError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"checkpoint: {res.checkpoint}")
+    checkpoint = res.checkpoint
+    del res  # the (FSDP) model holds the process group
+    shutdown_distributed()
+    click.echo(f"checkpoint: {checkpoint}")
 
 
 main.add_command(train_command)

@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from qovaryx_model.trainer import train
+from qovaryx_model.trainer import shutdown_distributed, train
 
 recipe, data, out = sys.argv[1:4]
 res = train(recipe, data, out=out, progress=False)
@@ -17,4 +17,5 @@ dist.all_gather(gathered, mine)
 if dist.get_rank() == 0:
     with open(f"{out}/ranks.json", "w") as f:
         json.dump([g.tolist() for g in gathered], f)
-dist.destroy_process_group()
+del res, flat, mine, gathered  # an FSDP model holds the process group
+shutdown_distributed()

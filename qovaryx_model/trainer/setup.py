@@ -56,6 +56,19 @@ def init_distributed() -> Dist:
     return Dist(rank, dist.get_world_size() if dist.is_initialized() else 1, local, device)
 
 
+def shutdown_distributed() -> None:
+    """End the process group of a torchrun launch (no-op otherwise): every rank first waits for the
+    others, then destroys it. Call it after the last collective and after dropping the references to
+    an FSDP model: its DTensors hold the group, and a gloo group that outlives interpreter shutdown
+    can abort the process ("terminate called without an active exception")."""
+    import gc
+
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @dataclass
 class RunData:
     train: list[PackedDataset]
