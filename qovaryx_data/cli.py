@@ -215,6 +215,39 @@ def _write_contact_sheet(path, out, n: int = 16) -> None:
     click.echo(f"wrote {out}: {len(images)} images", err=True)
 
 
+# ---- merge (qovaryx_data.merge) ----
+
+@main.command("merge")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False),
+                metavar="DATASET...")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder of the merged dataset (created if missing).")
+@click.option("--name", default=None, help="Dataset name [default: the inputs' names joined by +].")
+@click.option("--copy", "copy", is_flag=True,
+              help="Copy the data files instead of hard-linking them (hard links are used "
+                   "wherever the output's file system allows, else copies).")
+@click.option("--force", is_flag=True,
+              help="Write into a non-empty folder that holds no dataset (only the dataset's own "
+                   "names are written there).")
+def merge_cmd(inputs, out, name, copy, force) -> None:
+    """Concatenate packed datasets (folders holding dataset.json) of one tokenizer, without
+    re-tokenizing. Different tokenizers, separators, image shapes or label names are refused.
+
+    \b
+    Example:
+      qovaryx-data merge build/packed/a build/packed/b --out build/packed/ab
+    """
+    from qovaryx_data.merge import merge
+
+    r = merge(list(inputs), out, name=name, link=not copy, force=force)
+    if r.up_to_date:
+        click.echo(f"{r.out}: up to date, nothing to do ({r.documents:,} documents, "
+                   f"{r.tokens:,} tokens)")
+        return
+    click.echo(f"merged {r.inputs} datasets into {r.out}: {r.documents:,} documents, "
+               f"{r.tokens:,} tokens, {r.shards} shards in {r.seconds:.2f} s ({r.linked} files "
+               f"hard-linked, {r.copied} copied, {r.rewritten} metadata files rewritten)")
+
 
 if __name__ == "__main__":
     main()
