@@ -11,6 +11,7 @@ import sys
 import click
 
 from qovaryx_data.errors import QovaryxDataError
+from qovaryx_data.packing.executors import EXECUTORS
 # light (no numpy, torch, datasets, pyarrow or tokenizers at import): the options' choices/defaults
 from qovaryx_data.sources import FORMATS, SPLITS
 from qovaryx_data.tokenizer import DEFAULT_MIN_FREQUENCY, DEFAULT_VOCAB_SIZE, ERRORS
@@ -97,7 +98,16 @@ def train_bpe_cmd(inputs, out, vocab_size, min_frequency, text_field, split, fmt
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: the manifest's `output:`].")
 @click.option("--workers", type=int, default=None,
-              help="Worker processes [default: all cores]. The output is identical for any value.")
+              help="Worker processes [default: all cores; with --executor ray, all the cluster's "
+                   "CPUs]. The output is identical for any value.")
+@click.option("--executor", type=click.Choice(sorted(EXECUTORS)), default="local",
+              show_default=True,
+              help="Where the work units run: a process pool on this machine, or Ray tasks "
+                   "(needs the extra: pip install 'qovaryx[ray]'). The output is identical.")
+@click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
+              help="With --executor ray: the Ray cluster to use ('auto': the one `ray start "
+                   "--head` started here) [default: $RAY_ADDRESS, else a Ray instance started on "
+                   "this machine for this pack].")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar (documents, tokens, tokens/s) on stderr.")
 @click.option("--force", is_flag=True,
@@ -105,7 +115,7 @@ def train_bpe_cmd(inputs, out, vocab_size, min_frequency, text_field, split, fmt
                    "own names there are written or replaced (dataset.json, shard-NNNNN.*, "
                    "image_files.json, tokenizer/, train/, val/, .work/, .pack.lock); other files "
                    "are left alone.")
-def pack_cmd(manifest, out, workers, progress, force) -> None:
+def pack_cmd(manifest, out, workers, executor, ray_address, progress, force) -> None:
     """Compile the sources of a manifest into a packed, memory-mapped dataset (once).
 
     Re-running with unchanged inputs does nothing; an interrupted run resumes.
@@ -113,10 +123,14 @@ def pack_cmd(manifest, out, workers, progress, force) -> None:
     \b
     Example:
       qovaryx-data pack --manifest manifests/shakespeare.yaml --workers 8
+      qovaryx-data pack --manifest manifests/shakespeare.yaml --executor ray --ray-address auto
     """
     from qovaryx_data.packer import pack
 
-    r = pack(manifest, out=out, workers=workers, progress=progress, force=force)
+    if ray_address is not None and executor != "ray":
+        raise click.UsageError("--ray-address needs --executor ray")
+    r = pack(manifest, out=out, workers=workers, progress=progress, force=force,
+             executor=executor, ray_address=ray_address)
     if r.up_to_date:
         click.echo(f"{r.out}: up to date, nothing to do ({r.documents:,} documents, "
                    f"{r.tokens:,} tokens)")

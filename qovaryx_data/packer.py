@@ -3,7 +3,8 @@
 Two stages, so that the output never depends on the number of workers:
 
 1. **Map.** Sources are cut into fixed-size work units (`sources.plan_units`). A process pool
-   tokenizes each unit (`encode_batch_fast`, one thread per process) and writes it atomically to
+   (or Ray tasks: `executor="ray"`, `packing.executors`) tokenizes each unit (`encode_batch_fast`,
+   one thread per process) and writes it atomically to
    ``<out>/.work/unit-NNNNNN.npz``: tokens, document lengths, per-row metadata, pixels, skip counts.
    A unit whose part exists is never redone, so a killed run resumes from its finished units.
 2. **Assemble.** One process streams the parts in unit order into shards of each output dataset
@@ -18,8 +19,9 @@ its own names in the output folder (OWN_NAMES), and refuses a non-empty folder t
 earlier pack unless forced.
 
 This module is the orchestration (one pack run, start to end); its parts live beside it:
-`qovaryx_data.packing.plan` (units, fingerprint, lock), `.pool` (the worker pool), `.units` (the
-worker side) and `qovaryx_data.writer` (the shards and dataset.json, the mirror of reader.py).
+`qovaryx_data.packing.plan` (units, fingerprint, lock), `.executors` (where units run: `.pool`, the
+local worker pool, or `.ray_executor`), `.units` (the worker side) and `qovaryx_data.writer` (the
+shards and dataset.json, the mirror of reader.py).
 
     >>> pack("manifests/shakespeare.yaml", workers=2)           # doctest: +SKIP
     PackResult(out=PosixPath('build/packed/shakespeare'), up_to_date=False, documents=42, ...)
@@ -40,12 +42,13 @@ from qovaryx_data.errors import ManifestError, QovaryxDataError, SourceError
 from qovaryx_data.format import (IMAGE_FILES, PACK_FORMAT_NAME, PACK_FORMAT_VERSION, SOURCE_FILES,
                                  dtype_name, token_dtype)
 from qovaryx_data.manifest import DATASET_JSON, PackManifest, load_manifest, read_dataset_json
+from qovaryx_data.packing.executors import Executor, ExecutorConfig, get_executor
 from qovaryx_data.packing.plan import (LOCK_FILE, OWN_NAMES, PACK_CODE_VERSION, WORK_DIR,
                                        OutputLock, PackLockedError, PackSettings,
                                        image_files_unchanged, inputs_fingerprint, is_complete,
                                        plan_inputs, prepare_work_dir, refuse_foreign_output,
-                                       resolve_sources, usable_cores)
-from qovaryx_data.packing.pool import PackWorkerError, rebuild_error, run_units
+                                       resolve_sources)
+from qovaryx_data.packing.pool import PackWorkerError, rebuild_error
 from qovaryx_data.packing.units import (SKIP_SAMPLE_LIMIT, drop_parts_with_changed_images,
                                         is_line_range, load_part, part_path)
 from qovaryx_data.sources import NUM_DECISION_CLASSES, shift_rows
@@ -71,32 +74,44 @@ class PackResult:
 
 
 def pack(manifest: PackManifest | str | os.PathLike, *, out: str | os.PathLike | None = None,
-         workers: int | None = None, progress: bool = True, force: bool = False) -> PackResult:
+         workers: int | None = None, progress: bool = True, force: bool = False,
+         executor: Executor = "local", ray_address: str | None = None) -> PackResult:
     """Compile `manifest` into a packed dataset under `out` (default: the manifest's `output`).
 
     Idempotent (same inputs: returns with ``up_to_date=True``), resumable (finished units are
-    kept in ``<out>/.work``), byte-identical for any `workers`. Raises SourceError for a bad row
-    with ``on_error: fail``, PackLockedError when another pack writes the same output, and
-    QovaryxDataError for a non-empty `out` that holds no earlier pack unless `force` (even then
-    only pack's own names are ever replaced or deleted there: see OWN_NAMES).
+    kept in ``<out>/.work``), byte-identical for any `workers` and `executor`. Raises SourceError
+    for a bad row with ``on_error: fail``, PackLockedError when another pack writes the same
+    output, and QovaryxDataError for a non-empty `out` that holds no earlier pack unless `force`
+    (even then only pack's own names are ever replaced or deleted there: see OWN_NAMES).
+
+    `executor` chooses where the units run (`packing.executors`): "local", a process pool of
+    `workers` processes (default: all usable cores); "ray", Ray tasks (`workers`: tasks to keep
+    busy, default all the cluster's CPUs) on the Ray instance this process is connected to, else
+    the cluster at `ray_address` ("auto", "HOST:PORT"; default $RAY_ADDRESS), else a Ray
+    instance started on this machine for this pack. Ray is the optional extra ``qovaryx[ray]``.
     """
     t0 = time.perf_counter()
+    run_config = ExecutorConfig(executor, ray_address)
+    run_units = get_executor(run_config)    # a missing Ray fails here, before anything is read
     m = manifest if isinstance(manifest, PackManifest) else load_manifest(manifest)
     if out is None and m.output is None:
         raise QovaryxDataError(f"manifest {m.name!r} has no `output:`; give --out DIR")
     out_dir = Path(out if out is not None else m.output).resolve()
     if not force:
         refuse_foreign_output(out_dir)
-    workers = max(1, workers or usable_cores())
     out_dir.mkdir(parents=True, exist_ok=True)
     with OutputLock(out_dir / LOCK_FILE):
-        return _pack_locked(m, out_dir, workers, progress, t0)
+        return _pack_locked(m, out_dir, progress, t0,
+                            lambda units, settings, piece_bytes: run_units(
+                                units, settings, workers or None, piece_bytes, run_config))
 
 
 # ============================================================================ the pack run
 
-def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
-                 t0: float) -> PackResult:
+def _pack_locked(m: PackManifest, out_dir: Path, progress: bool, t0: float,
+                 run_units) -> PackResult:
+    """One pack run under the output's lock; `run_units(units, settings, piece_bytes)` is the
+    chosen executor (packing.executors), which yields each task's result in task order."""
     tok = load_tokenizer(m.tokenizer)
     tok_hash = tokenizer_hash(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -152,7 +167,7 @@ def _pack_locked(m: PackManifest, out_dir: Path, workers: int, progress: bool,
     source_skips = [Counter() for _ in configs]
     lines = _LineNumbers()
     try:
-        for key, _, status, payload in run_units(units, settings, workers, m.unit_bytes):
+        for key, _, status, payload in run_units(units, settings, m.unit_bytes):
             unit = units[key[0]]
             cfg = configs[unit.source_index]
             delta = lines.delta(unit, cfg) if key[1] is None else 0
