@@ -11,6 +11,8 @@ import sys
 import click
 
 from qovaryx_data.errors import QovaryxDataError
+from qovaryx_data.interop import FORMATS as INTEROP_FORMATS
+from qovaryx_data.interop import SEPARATORS as INTEROP_SEPARATORS
 from qovaryx_data.packing.executors import EXECUTORS
 # light (no numpy, torch, datasets, pyarrow or tokenizers at import): the options' choices/defaults
 from qovaryx_data.sources import FORMATS, SPLITS
@@ -261,6 +263,97 @@ def merge_cmd(inputs, out, name, copy, force) -> None:
     click.echo(f"merged {r.inputs} datasets into {r.out}: {r.documents:,} documents, "
                f"{r.tokens:,} tokens, {r.shards} shards in {r.seconds:.2f} s ({r.linked} files "
                f"hard-linked, {r.copied} copied, {r.rewritten} metadata files rewritten)")
+
+
+# ---- import / export (qovaryx_data.interop) ----
+
+@main.command("import")
+@click.option("--from", "fmt", required=True, type=click.Choice(INTEROP_FORMATS),
+              help="Format of PATH: megatron (PREFIX of .bin + .idx), nanogpt (a folder with "
+                   "train.bin [+ val.bin], or one .bin), llmc (a shard, a glob or a folder).")
+@click.argument("path", type=click.Path())
+@click.option("--tokenizer", required=True, type=click.Path(exists=True),
+              help="The tokenizer the files were written with (its hash goes into dataset.json; "
+                   "a file id above its largest id is refused).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder of the packed dataset (train/ and val/ when PATH holds both splits).")
+@click.option("--separator", type=click.Choice(INTEROP_SEPARATORS), default="auto",
+              show_default=True,
+              help="auto: `eos` for nanogpt/llmc, and for megatron when every document ends with "
+                   "end-of-text; none: nanogpt/llmc documents lose their separator (megatron: "
+                   "tokens kept, recorded as none); eos: megatron refuses a document without one.")
+@click.option("--eos-id", type=int, default=None,
+              help="End-of-text id of the files [default: the tokenizer's <|endoftext|>].")
+@click.option("--shard-tokens", type=int, default=100_000_000, show_default=True,
+              help="Roll to a new shard once a shard reaches this many tokens.")
+@click.option("--name", default=None, help="Dataset name [default: PATH's name].")
+@click.option("--force", is_flag=True,
+              help="Write into a non-empty folder that holds no dataset.")
+def import_cmd(fmt, path, tokenizer, out, separator, eos_id, shard_tokens, name, force) -> None:
+    """Convert Megatron, nanoGPT or llm.c token files at PATH into a packed dataset, without
+    re-tokenizing.
+
+    \b
+    Example:
+      qovaryx-data import --from nanogpt data/openwebtext --tokenizer build/tok --out build/packed/owt
+    """
+    from qovaryx_data.interop import ImportOptions, import_dataset
+
+    try:
+        opts = ImportOptions(separator=separator, eos_id=eos_id, shard_tokens=shard_tokens,
+                             name=name)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    r = import_dataset(fmt, path, tokenizer=tokenizer, out=out, options=opts, force=force)
+    if r.up_to_date:
+        click.echo(f"{r.out}: up to date, nothing to do ({r.documents:,} documents, "
+                   f"{r.tokens:,} tokens)")
+        return
+    click.echo(f"imported {path} ({fmt}) into {r.out}: {r.documents:,} documents, "
+               f"{r.tokens:,} tokens, separator {r.separator}, in {r.seconds:.2f} s")
+    for split, folder in r.datasets.items():
+        if split:
+            click.echo(f"  {split}: {folder}")
+
+
+@main.command("export")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--to", "fmt", required=True, type=click.Choice(INTEROP_FORMATS),
+              help="megatron: OUT.bin + OUT.idx; nanogpt: OUT/train.bin (val.bin) + meta.pkl; "
+                   "llmc: OUT/NAME_train_000000.bin ...")
+@click.option("--out", required=True, type=click.Path(),
+              help="megatron: the PREFIX; nanogpt, llmc: a folder.")
+@click.option("--drop-images", is_flag=True,
+              help="Export the text tokens of rows with an image; their pixels are left out "
+                   "(without it such a dataset is refused: these formats hold tokens only).")
+@click.option("--drop-labels", is_flag=True,
+              help="Export the tokens of rows with a decision label; the labels are left out.")
+@click.option("--add-eos", is_flag=True,
+              help="nanogpt, for a `separator: none` dataset: append end-of-text after each "
+                   "document (nanoGPT has no document index).")
+@click.option("--shard-tokens", type=int, default=100_000_000, show_default=True,
+              help="llmc: tokens per shard (at most 2**31 - 1).")
+@click.option("--name", default=None, help="llmc: shard file prefix [default: the dataset name].")
+def export_cmd(path, fmt, out, drop_images, drop_labels, add_eos, shard_tokens, name) -> None:
+    """Write the packed dataset at PATH (or both splits of a pack with validation) as Megatron,
+    nanoGPT or llm.c token files, without re-tokenizing.
+
+    \b
+    Example:
+      qovaryx-data export build/packed/x --to megatron --out build/megatron/x_text_document
+    """
+    from qovaryx_data.interop import ExportOptions, export_dataset
+
+    try:
+        opts = ExportOptions(drop_images=drop_images, drop_labels=drop_labels, add_eos=add_eos,
+                             shard_tokens=shard_tokens, name=name)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    r = export_dataset(path, to=fmt, out=out, options=opts)
+    click.echo(f"exported {path} to {fmt}: {r.documents:,} documents, {r.tokens:,} tokens "
+               f"in {r.seconds:.2f} s")
+    for f in r.files:
+        click.echo(f"  {f}")
 
 
 if __name__ == "__main__":
