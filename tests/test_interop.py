@@ -186,12 +186,19 @@ def test_nanogpt_separator_none_needs_add_eos_then_round_trips(data, tmp_path):
 
 def test_nanogpt_train_and_val_splits_and_uint32_refusal(data, tmp_path):
     r = export_dataset(data["split"], to="nanogpt", out=tmp_path / "ng")
-    assert sorted(p.name for p in r.files) == ["meta.pkl", "meta.pkl", "train.bin", "val.bin"]
+    assert sorted(p.name for p in r.files) == ["meta.pkl", "train.bin", "val.bin"]
     res = import_dataset("nanogpt", tmp_path / "ng", tokenizer=data["tok_dir"], out=tmp_path / "b")
     assert set(res.datasets) == {"train", "val"}
     for s in ("train", "val"):
         assert_same_dataset(data["split"] / s, tmp_path / "b" / s)
         assert PackedDataset(tmp_path / "b" / s).info["split"] == s
+    r = export_dataset(data["split"], to="megatron", out=tmp_path / "m" / "kjv")
+    assert sorted(p.name for p in r.files) == ["kjv_train.bin", "kjv_train.idx", "kjv_val.bin",
+                                               "kjv_val.idx"]
+    r = export_dataset(data["split"] / "val", to="megatron", out=tmp_path / "m" / "one")
+    assert [p.name for p in r.files] == ["one.bin", "one.idx"]
+    import_dataset("megatron", tmp_path / "m" / "kjv_val", tokenizer=data["tok_dir"], out=tmp_path / "v")
+    assert docs_of(tmp_path / "v") == docs_of(data["split"] / "val")
     with pytest.raises(QovaryxDataError, match="reads uint16 only"):
         export_dataset(data["u32"], to="nanogpt", out=tmp_path / "u")
 

@@ -4,7 +4,8 @@
 A format is a module with three hooks and a flag, picked from `FORMATS` by name (as
 mosaicml/streaming picks its readers): ``find_inputs(path) -> {split: [files]}``,
 ``read(files, eos_id) -> Iterator[Batch]`` (whole documents, in file order),
-``write(ds, out, split, opts, eos_id) -> (files, tokens written)``, and ``SEPARATED``: whether
+``write(ds, out, split, opts, eos_id, several) -> (files, tokens written)`` (`several`: one of
+the splits of a pack with validation is being written), and ``SEPARATED``: whether
 its documents are delimited by end-of-text ids (nanogpt, llmc) rather than by an index.
 
 * ``megatron``: Megatron-LM ``.bin`` + ``.idx`` (a document index: boundaries are exact);
@@ -260,8 +261,8 @@ def export_dataset(path: str | os.PathLike, *, to: str, out: str | os.PathLike,
         ds = PackedDataset(folder)
         _refuse_lost(ds, to, options)
         split = ds.info.get("split") or (None if len(folders) == 1 else folder.name)
-        files, tokens = mod.write(ds, Path(out), split, options, _eos_id(ds))
-        res.files.extend(files)
+        files, tokens = mod.write(ds, Path(out), split, options, _eos_id(ds), len(folders) > 1)
+        res.files.extend(f for f in files if f not in res.files)   # nanogpt: one meta.pkl
         res.documents += len(ds)
         res.tokens += tokens
     res.seconds = time.perf_counter() - t0

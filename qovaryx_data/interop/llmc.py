@@ -90,8 +90,8 @@ def read(files: list[Path], eos_id: int | None) -> Iterator[Batch]:
         yield Batch(files_of, np.insert(body, ends[lead], eos_id).astype(tokens.dtype), lengths)
 
 
-def write(ds, out: Path, split: str | None, opts: ExportOptions, eos_id: int | None
-          ) -> tuple[list[Path], int]:
+def write(ds, out: Path, split: str | None, opts: ExportOptions, eos_id: int | None,
+          several: bool = False) -> tuple[list[Path], int]:
     if eos_id is None:
         raise QovaryxDataError(f"{ds.path}: llm.c marks documents with a prepended end-of-text "
                                f"id, and the tokenizer has no <|endoftext|>")

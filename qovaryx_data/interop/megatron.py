@@ -116,11 +116,12 @@ def read(files: list[Path], eos_id: int | None) -> Iterator[Batch]:
         yield Batch(np.zeros(len(doc_len), np.int32), np.asarray(tokens), doc_len)
 
 
-def write(ds, out: Path, split: str | None, opts: ExportOptions, eos_id: int | None
-          ) -> tuple[list[Path], int]:
-    """PREFIX.bin + PREFIX.idx of `ds` (PREFIX = `out`, or `out`_train / `out`_val for splits)."""
+def write(ds, out: Path, split: str | None, opts: ExportOptions, eos_id: int | None,
+          several: bool = False) -> tuple[list[Path], int]:
+    """PREFIX.bin + PREFIX.idx of `ds` (PREFIX = `out`; PREFIX_train / PREFIX_val for the splits
+    of a pack with validation)."""
     prefix = prefix_of(out)
-    if split and ds.info.get("split"):
+    if several and split:
         prefix = prefix.with_name(f"{prefix.name}_{split}")
     dtype, code = _dtype_of(ds)
     bin_path = prefix.with_name(prefix.name + ".bin")

@@ -55,8 +55,8 @@ def read(files: list[Path], eos_id: int | None) -> Iterator[Batch]:
         yield Batch(files_of, tokens, lengths)
 
 
-def write(ds, out: Path, split: str | None, opts: ExportOptions, eos_id: int | None
-          ) -> tuple[list[Path], int]:
+def write(ds, out: Path, split: str | None, opts: ExportOptions, eos_id: int | None,
+          several: bool = False) -> tuple[list[Path], int]:
     """out/{split}.bin (train.bin for a dataset without a split) and out/meta.pkl."""
     if ds.dtype.itemsize != 2:
         raise QovaryxDataError(f"{ds.path}: uint32 tokens (the tokenizer's largest id is "
