@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qovaryx_data.errors import QovaryxDataError
+from qovaryx_data.errors import FormatError, QovaryxDataError
 from qovaryx_data.format import (IMAGE_FILES, IMAGE_FILES_FORMAT, IMAGE_FILES_VERSION,
-                                 PACK_FORMAT_NAME, PACK_FORMAT_VERSION, SOURCE_FILES,
-                                 SOURCE_FILES_FORMAT, SOURCE_FILES_VERSION, file_entry,
-                                 meta_schema)
+                                 META_FORMAT_KEY, META_FORMAT_VALUE, META_VERSION_KEY,
+                                 PACK_FORMAT_MAJOR, PACK_FORMAT_NAME, PACK_FORMAT_VERSION,
+                                 SOURCE_FILES, SOURCE_FILES_FORMAT, SOURCE_FILES_VERSION,
+                                 file_entry, meta_schema)
 from qovaryx_data.manifest import DATASET_JSON, write_dataset_json, write_json_atomic
 from qovaryx_data.outdir import fingerprint_of, invalidate, prepare_output, up_to_date
 
@@ -200,19 +201,33 @@ def _link_or_copy(src: Path, dst: Path, link: bool) -> bool:
 
 def _rewrite_meta(src: Path, dst: Path, src_offset: int, lut: np.ndarray) -> None:
     """The shard's metadata with `source` shifted by `src_offset` and `file` mapped through `lut`
-    (the input's source-file index -> the merged list's); other columns as they are."""
+    (the input's source-file index -> the merged list's). The other columns, validity bitmaps
+    included, are the input's Arrow buffers as they are (zero-copy from its memory map), written
+    out once: a rewrite costs about a copy of the file."""
     import pyarrow as pa
 
-    from qovaryx_data.reader import _read_meta     # nulls as -1 (the format's values buffer)
-    from qovaryx_data.writer import _meta_batch    # the writer's exact batch (validity + -1)
-
-    cols = dict(_read_meta(src))
-    cols["source"] = (cols["source"].astype(np.int32) + src_offset).astype(np.int16)
-    cols["file"] = lut[cols["file"]] if len(cols["file"]) else cols["file"]
+    schema = meta_schema()
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(src), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FormatError(f"{src}: not a readable Arrow IPC file ({e}); re-pack the input") from None
+    md = table.schema.metadata or {}
+    version = md.get(META_VERSION_KEY, b"").decode()
+    if md.get(META_FORMAT_KEY) != META_FORMAT_VALUE or version.split(".")[0] != str(PACK_FORMAT_MAJOR):
+        raise FormatError(f"{src}: schema metadata {md.get(META_FORMAT_KEY)!r} version {version!r}, "
+                          f"expected {META_FORMAT_VALUE!r} major {PACK_FORMAT_MAJOR}")
+    table = table.select(schema.names).cast(schema).combine_chunks()
+    if table.num_rows:
+        source = table.column("source").chunk(0).to_numpy() + np.int16(src_offset)
+        file = table.column("file").chunk(0).to_numpy()
+        shift = int(lut[0]) if len(lut) else 0
+        file = file + np.int32(shift) if np.array_equal(lut, np.arange(len(lut)) + shift) else lut[file]
+        table = table.set_column(0, schema.field("source"), pa.array(source))
+        table = table.set_column(1, schema.field("file"), pa.array(file.astype(np.int32)))
     tmp = dst.with_name(f".{dst.name}.tmp")
     with pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, meta_schema()) as w:
-            w.write_batch(_meta_batch(cols))
+        with pa.ipc.new_file(sink, schema) as w:
+            w.write_table(table)          # one record batch, as the format says
     os.replace(tmp, dst)
 
 
