@@ -17,6 +17,8 @@ Corpus: Shakespeare (one document per play) + Austen (paragraphs) + KJV (verses)
    in one file (goal ~1x: small files are grouped into units); an up-to-date re-run vs the pack
    itself, and the bytes it reads vs the corpus and the tokenizer (goal: the tokenizer only,
    which is read to hash it; "up to date" comes from file stats).
+6. `--only-merge`: `qovaryx-data merge` of two packed datasets (the corpus, x `--merge-repeat`)
+   vs a plain copy of the same bytes, hard-linked and with `--copy` (goal >= 0.9x the throughput).
 
     .venv/bin/python benchmarks/bench_pack.py [--workers N] [--repeat R] [--tokenizer DIR]
 """
@@ -89,6 +91,60 @@ def documents(manifest: Path) -> list[str]:
 
 def folder_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def merge_vs_copy(tmp: Path, tok_dir: Path, workers: int, repeat: int, rounds: int) -> None:
+    """Section 6: `merge` of two packed datasets vs a plain copy of the bytes the merge writes
+    (every shard file of both inputs and one tokenizer folder), measured round-robin in this run:
+    hard links (the default), and `--copy` (what a merge onto another file system does). Each
+    case starts after an `os.sync()` and is timed to its files in the page cache and, after a
+    closing `os.sync()`, on disk (merge fsyncs dataset.json, which on ext4 writes out every dirty
+    page before it: without the syncs, one case's copies would be charged to the next case's
+    fsync). The inputs: the corpus packed once as plays + Austen and as KJV, each then made `repeat` times
+    larger by a copying merge of itself (so they hold `repeat` shards each, like a big pack, and
+    a fixed cost of ~20 ms, two fsyncs, is not all that is measured)."""
+    from qovaryx_data.merge import merge
+    from qovaryx_data.packer import pack
+
+    d = tmp / "merge"
+    sources = make_corpus(d / "corpus", 1)
+    ins = []
+    for name, srcs in (("a", sources[:2]), ("b", sources[2:])):
+        (d / name).mkdir()
+        pack(write_manifest(d / name, tok_dir, srcs), workers=workers, progress=False)
+        merge([d / name / "out"] * repeat, d / f"{name}-x{repeat}", link=False)
+        ins.append(d / f"{name}-x{repeat}")
+    data = [p for i in ins for p in sorted(i.iterdir()) if p.name.startswith("shard-")]
+    nbytes = sum(p.stat().st_size for p in data) + folder_bytes(ins[0] / "tokenizer")
+
+    def plain_copy(out: Path) -> None:
+        out.mkdir()
+        for k, p in enumerate(data):
+            shutil.copyfile(p, out / f"{k:05d}-{p.name}")
+        shutil.copytree(ins[0] / "tokenizer", out / "tokenizer")
+
+    cases = {"plain copy": plain_copy,
+             "merge (hard links)": lambda out: merge(ins, out),
+             "merge --copy": lambda out: merge(ins, out, link=False)}
+    best = {(k, where): float("inf") for k in cases for where in ("cache", "disk")}
+    for r in range(rounds):
+        for c, (name, fn) in enumerate(cases.items()):
+            out = d / f"out{c}"
+            os.sync()
+            t0 = time.perf_counter()
+            fn(out)
+            best[name, "cache"] = min(best[name, "cache"], time.perf_counter() - t0)
+            os.sync()
+            best[name, "disk"] = min(best[name, "disk"], time.perf_counter() - t0)
+            shutil.rmtree(out)
+    rate = {k: nbytes / v / 1e6 for k, v in best.items()}
+    print(f"merge: 2 datasets, {len(data)} shard files, {nbytes / 1e6:.1f} MB (corpus x{repeat}), "
+          f"best of {rounds}, page cache / on disk: "
+          + ", ".join(f"{k} {best[k, 'cache']:.3f} / {best[k, 'disk']:.3f} s" for k in cases))
+    for where in ("disk", "cache"):
+        print(f"RATIO merge / plain copy of the same bytes, throughput {where}: hard links "
+              f"{rate['merge (hard links)', where] / rate['plain copy', where]:.2f}x, --copy "
+              f"{rate['merge --copy', where] / rate['plain copy', where]:.2f}x (goal >= 0.9x)")
 
 
 def peak_rss_of_pack(manifest: Path, out: Path, workers: int) -> tuple[float, float]:
@@ -227,6 +283,10 @@ def main() -> None:
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--only-scale", action="store_true")
+    ap.add_argument("--only-merge", action="store_true",
+                    help="section 6 alone: merge vs a plain copy of the same bytes")
+    ap.add_argument("--merge-repeat", type=int, default=32,
+                    help="--only-merge: each input is its packed corpus part merged with itself this many times")
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from tokenizers import Tokenizer
@@ -238,6 +298,9 @@ def main() -> None:
     try:
         if args.only_scale:
             scale(tmp, tok_dir, args.workers, args.rounds)
+            return
+        if args.only_merge:
+            merge_vs_copy(tmp, tok_dir, args.workers, args.merge_repeat, args.rounds)
             return
         sources = make_corpus(tmp / "corpus", args.repeat)
         manifest = write_manifest(tmp, tok_dir, sources)
