@@ -17,6 +17,10 @@ Corpus: Shakespeare (one document per play) + Austen (paragraphs) + KJV (verses)
    in one file (goal ~1x: small files are grouped into units); an up-to-date re-run vs the pack
    itself, and the bytes it reads vs the corpus and the tokenizer (goal: the tokenizer only,
    which is read to hash it; "up to date" comes from file stats).
+5. `--only-ray`: `pack --executor ray` on a local Ray instance of `--workers` CPUs vs the local
+   pool of as many workers, on the corpus x `--ray-repeat` (Ray's start-up not counted; goal
+   <= 1.15x the time; outputs checked identical), and the driver's CPU seconds, which bound how
+   many CPUs of a cluster one driver can keep busy.
 6. `--only-merge`: `qovaryx-data merge` of two packed datasets (the corpus, x `--merge-repeat`)
    vs a plain copy of the same bytes, hard-linked and with `--copy` (goal >= 0.9x the throughput).
 
@@ -273,6 +277,55 @@ def cpu_of_pack(manifest: Path, out: Path, workers: int) -> tuple[float, list[fl
     return main_cpu, sorted(cpu.values(), reverse=True)
 
 
+def ray_vs_local(tmp: Path, tok_dir: Path, workers: int, repeat: int, rounds: int) -> None:
+    """Section 5 of the module docstring: Ray tasks vs the local pool on the same CPUs."""
+    import logging
+
+    import ray
+
+    from qovaryx_data.packer import pack
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray runs its workers 15 nice levels below the driver; the local pool's run at the driver's
+    # level: compare at equal priority (this machine is shared).
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    manifest = write_manifest(tmp / "ray", tok_dir, make_corpus(tmp / "ray" / "corpus", repeat))
+    t0 = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
+    startup = time.perf_counter() - t0
+    best = {"local": float("inf"), "ray": float("inf")}
+    driver_cpu = {}
+    checksums = {}
+    try:
+        for r in range(rounds):                 # round-robin: a busy machine slows both alike
+            for name in best:
+                out = tmp / "ray" / f"out-{name}"
+                c0, t0 = time.process_time(), time.perf_counter()
+                res = pack(manifest, out=out, workers=workers, progress=False, executor=name)
+                wall = time.perf_counter() - t0
+                if wall < best[name]:
+                    best[name], driver_cpu[name] = wall, time.process_time() - c0
+                checksums[name] = (out / "dataset.json").read_bytes()   # every file's xxh3
+                tokens = res.tokens
+                shutil.rmtree(out)
+    finally:
+        ray.shutdown()
+    assert checksums["local"] == checksums["ray"], "the Ray pack differs from the local pack"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    mb = folder_bytes(tmp / "ray" / "corpus") / 1e6
+    print(f"ray vs local pool: corpus x{repeat} ({mb:.0f} MB, {tokens:,} tokens, {res.units} "
+          f"units), {workers} CPUs each, best of {rounds}: local {best['local']:.1f} s, ray "
+          f"{best['ray']:.1f} s (Ray start-up {startup:.1f} s, not counted); outputs identical; "
+          f"load average at the end {load}")
+    print(f"RATIO ray / local pool time: {best['ray'] / best['local']:.3f}x (goal <= 1.15x)")
+    per_cpu = tokens / (best["ray"] * workers)
+    driver_rate = tokens / max(driver_cpu["ray"], 1e-9)
+    print(f"RATIO driver CPU seconds, ray / local: {driver_cpu['ray']:.1f} / "
+          f"{driver_cpu['local']:.1f} s; tokens/s per task CPU ~{per_cpu:,.0f}, tokens per "
+          f"driver CPU second {driver_rate:,.0f}: one driver keeps ~{driver_rate / per_cpu:.0f} "
+          f"task CPUs busy before its assembly (and its storage) is the bound")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=os.cpu_count())
@@ -287,6 +340,10 @@ def main() -> None:
                     help="section 6 alone: merge vs a plain copy of the same bytes")
     ap.add_argument("--merge-repeat", type=int, default=32,
                     help="--only-merge: each input is its packed corpus part merged with itself this many times")
+    ap.add_argument("--only-ray", action="store_true",
+                    help="section 5 alone: --executor ray vs the local pool (needs qovaryx[ray])")
+    ap.add_argument("--ray-repeat", type=int, default=6,
+                    help="copies of the corpus for --only-ray (the local pool should take >= 1 min)")
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from tokenizers import Tokenizer
@@ -301,6 +358,9 @@ def main() -> None:
             return
         if args.only_merge:
             merge_vs_copy(tmp, tok_dir, args.workers, args.merge_repeat, args.rounds)
+            return
+        if args.only_ray:
+            ray_vs_local(tmp, tok_dir, args.workers, args.ray_repeat, args.rounds)
             return
         sources = make_corpus(tmp / "corpus", args.repeat)
         manifest = write_manifest(tmp, tok_dir, sources)
