@@ -74,6 +74,16 @@ def test_executor_choice_is_checked(tmp_path):
     assert r.exit_code == 2 and "--ray-address needs --executor ray" in r.output, r.output
 
 
+def test_an_unreachable_ray_address_fails_fast():
+    from qovaryx_data.packing.ray_executor import check_reachable
+
+    with pytest.raises(ConnectionError, match="nothing accepts connections at 127.0.0.1:1"):
+        check_reachable("127.0.0.1:1")       # ray.init would retry it for minutes
+    with pytest.raises(ValueError, match="not HOST:PORT"):
+        check_reachable("localhost")
+    check_reachable("auto")                  # Ray resolves it
+
+
 # ------------------------------------------------------------------ one Ray instance
 
 

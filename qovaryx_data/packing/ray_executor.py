@@ -142,6 +142,7 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
         ray.init(num_cpus=workers or usable_cores(), **quiet)
         return True
     try:
+        check_reachable(address)
         ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise QovaryxDataError(
@@ -150,6 +151,22 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
             f"leave --ray-address and $RAY_ADDRESS unset to start a Ray instance on this "
             f"machine for this pack") from None
     return True
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT that accepts no TCP connection raises ConnectionError at once: `ray.init`
+    itself keeps retrying such an address for minutes. ("auto" and ray:// are Ray's to resolve.)"""
+    import socket
+
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{address!r} is not HOST:PORT or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing accepts connections at {address}: {e}") from None
 
 
 def _task_failed(ray, e, key: tuple, unit, work: Path) -> Exception:
