@@ -183,13 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=512, help="caption tokenizer size (default 512)")
     p.add_argument("--workers", type=int, default=None, help="pack worker processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the charts")
+    p.add_argument("--margin", type=float, default=0.15,
+                   help="dead band: leave out series within this fraction of a label threshold (default 0.15)")
     p.add_argument("--force", choices=STAGES, help="redo this stage and every later one")
     args = p.parse_args(argv)
     if args.charts < 20 or (args.steps is not None and args.steps < 1):
         p.error("--charts must be at least 20 and --steps positive")
+    if not 0 <= args.margin < 1:
+        p.error("--margin must be a fraction in [0, 1)")
     args.build = args.build.resolve()
     args.build.mkdir(parents=True, exist_ok=True)
-    args.chart_config = ChartConfig(n=args.charts, seed=args.seed)
+    args.chart_config = ChartConfig(n=args.charts, seed=args.seed, margin=args.margin)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
     from transformers.utils import logging as hf_logging

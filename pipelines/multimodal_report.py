@@ -10,6 +10,20 @@ import numpy as np
 NAMES = ["hold", "buy", "sell", "abstain"]  # pipelines/charts.py DECISION_NAMES
 
 
+
+def _dead_band(cfg) -> str:
+    """One sentence on ChartConfig.margin: what was left out and why (sub-pixel at 32x32)."""
+    if not cfg.margin:
+        return "Every drawn series is kept (no dead band around the thresholds)."
+    r = cfg.rule
+    px = 31 / cfg.log_span  # pixels per unit of log price at the packed 32x32
+    return (f"Series within {cfg.margin:.0%} of a threshold are drawn again (a dead band: |trend| within "
+            f"{r.trend_threshold * (1 - cfg.margin):.3f}..{r.trend_threshold * (1 + cfg.margin):.3f}, or vol within "
+            f"{r.vol_threshold * (1 - cfg.margin):.4f}..{r.vol_threshold * (1 + cfg.margin):.4f}): at 32x32 the band is "
+            f"{r.trend_threshold * cfg.margin * px:.2f} px of net move and {r.vol_threshold * cfg.margin * px:.2f} px "
+            "of zigzag on either side, below one pixel, so no reader of the picture could call those charts. "
+            "`--margin 0` keeps them.")
+
 def _plt():
     import matplotlib
 
@@ -149,6 +163,8 @@ vol = std of the log returns):
 | buy | otherwise, trend > +{rule.trend_threshold} |
 | sell | otherwise, trend < -{rule.trend_threshold} |
 | hold | otherwise |
+
+{_dead_band(args.chart_config)}
 
 {_table(["split", "charts", "tokens", "hold / buy / sell / abstain", "image (HxWxC)"], split_rows)}
 
