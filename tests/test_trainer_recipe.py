@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -66,6 +67,7 @@ BAD = [
     ({"lrr": 0.1}, "lrr", "not a recipe key"),
     ({"lr": "fast"}, "lr", "expected a number"),
     ({"lr": -1.0}, "lr", "positive"),
+    ({"matrix_lr_mult": 0}, "matrix_lr_mult", "positive"),
     ({"grad_accum_steps": 2.5}, "grad_accum_steps", "integer"),
     ({"grad_accum_steps": 0}, "grad_accum_steps", ">= 1"),
     ({"mtp_weight": -0.3}, "mtp_weight", ">= 0"),
@@ -233,8 +235,11 @@ def test_muon_trains_and_resumes_exactly(tmp_path, plays):
     run logs the uninterrupted run's losses exactly."""
     from qovaryx_model.trainer import train
 
-    keys = dict(optimizer="muon", target_tokens=6 * 2048, save_every=0, lr=2e-3, min_lr=2e-4)
+    keys = dict(optimizer="muon", matrix_lr_mult=4.0, target_tokens=6 * 2048, save_every=0, lr=2e-3, min_lr=2e-4)
     full = train(write_recipe(tmp_path / "m.yaml", **keys), plays, out=tmp_path / "full", progress=False)
+    opt = torch.load(full.checkpoint / "trainer_state.pt", weights_only=True)["optimizer"]
+    peaks = {g["group"]: g["initial_lr"] for part in ("muon", "adamw") for g in opt[part]["param_groups"]}
+    assert peaks["matrix"] == pytest.approx(8e-3) and peaks["embedding"] == pytest.approx(2e-3), peaks
     train(write_recipe(tmp_path / "m.yaml", **keys), plays, out=tmp_path / "part", max_steps=3, progress=False)
     again = train(write_recipe(tmp_path / "m.yaml", **keys), plays, out=tmp_path / "part", resume=True, progress=False)
     a, b = steps(full.out), steps(again.out)

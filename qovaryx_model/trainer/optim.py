@@ -19,10 +19,12 @@ from torch import nn
 
 def param_groups(model: nn.Module, recipe) -> list[dict]:
     """qovaryx_model.muon's groups: decayed matrices and head; undecayed embeddings, position tables,
-    norms and biases (one rule for every optimizer)."""
+    norms and biases (one rule for every optimizer); the matrices and the embedding at their
+    multiples of the peak lr."""
     from ..muon import param_groups as groups
 
-    return groups(model, recipe.lr, recipe.weight_decay)
+    return groups(model, recipe.lr, recipe.weight_decay, embed_lr_mult=recipe.embed_lr_mult,
+                  matrix_lr_mult=recipe.matrix_lr_mult)
 
 
 def _adamw(model, recipe, device) -> torch.optim.Optimizer:

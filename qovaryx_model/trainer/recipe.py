@@ -131,6 +131,8 @@ class Recipe:
     # --- optimization ---
     optimizer: str = "adamw"  # a key of trainer.optim.OPTIMIZERS: adamw | adamw_8bit | muon
     lr: float = 2e-4  # peak learning rate
+    matrix_lr_mult: float = 1.0  # the hidden matrices' peak lr is lr x this (Muon: 4, docs/MODEL.md)
+    embed_lr_mult: float = 1.0  # the token embedding's peak lr is lr x this
     min_lr: float | None = None  # cosine floor; None: lr / 10
     warmup_steps: int = 500  # linear warmup from 0 (capped at the schedule's length)
     weight_decay: float = 0.1  # on matrices only: never on norms, biases, embeddings, 1-D params
@@ -191,6 +193,10 @@ class Recipe:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise bad("lr", f"must be a positive number, got {self.lr}")
+        for key in ("matrix_lr_mult", "embed_lr_mult"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                raise bad(key, f"must be a positive number, got {v!r}")
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         if not 0 <= self.min_lr <= self.lr:
