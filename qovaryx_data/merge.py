@@ -69,6 +69,12 @@ def merge(inputs: list[str | os.PathLike], out: str | os.PathLike, *, name: str 
     if not inputs:
         raise QovaryxDataError("merge: give at least one input dataset")
     paths = [Path(p).resolve() for p in inputs]
+    for j, p in enumerate(paths):
+        if p in paths[:j]:
+            raise QovaryxDataError(
+                f"merge: {p} is given twice (inputs {paths.index(p) + 1} and {j + 1}); each input "
+                f"is concatenated, so every one of its documents would be there twice: give "
+                f"each dataset once")
     datasets = [PackedDataset(_dataset_folder(p)) for p in paths]   # checks sizes and headers
     infos = [d.info for d in datasets]
     _check_compatible(paths, infos)

@@ -185,3 +185,11 @@ def test_cli_merge_and_its_refusals(parts, tmp_path):
     res = CliRunner().invoke(main, ["merge", str(parts["a"]), "--out", str(tmp_path / "busy")])
     assert res.exit_code == 2 and "--force" in res.output
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_an_input_given_twice_is_refused(parts, tmp_path):
+    res = CliRunner().invoke(main, ["merge", str(parts["a"]), str(parts["b"]),
+                                    str(parts["a"]) + "/.", "--out", str(tmp_path / "aa")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"{parts['a']} is given twice (inputs 1 and 3)" in res.output
+    assert not (tmp_path / "aa").exists()
