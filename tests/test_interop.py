@@ -294,3 +294,71 @@ def test_cli_export_import_and_up_to_date(data, tmp_path):
     res = run(main, ["export", str(data["eos"]), "--to", "llmc", "--out", str(tmp_path / "x"),
                      "--shard-tokens", str(2**31)])
     assert res.exit_code == 2 and "2147483647" in res.output
+
+
+# ---------------------------------------------------------------- re-exports, damage, bad options
+
+def test_llmc_re_export_replaces_the_earlier_shards_and_a_failed_one_leaves_them(data, tmp_path,
+                                                                                 monkeypatch):
+    from qovaryx_data.interop import llmc
+
+    out = tmp_path / "lc"
+    first = export_dataset(data["eos"], to="llmc", out=out, options=ExportOptions(shard_tokens=20_000))
+    second = export_dataset(data["eos"], to="llmc", out=out,
+                            options=ExportOptions(shard_tokens=1_000_000))
+    assert len(first.files) > len(second.files) == 1
+    assert sorted(out.iterdir()) == second.files          # no stale shard read as more data
+    import_dataset("llmc", out, tokenizer=data["tok_dir"], out=tmp_path / "back")
+    assert docs_of(tmp_path / "back") == docs_of(data["eos"])
+
+    def stopped(ds, *a, **k):          # a run stopped after some shards were complete
+        it = stream_batches(ds, max_tokens=30_000)
+        yield next(it)
+        raise KeyboardInterrupt
+
+    stream_batches = llmc.doc_batches
+    monkeypatch.setattr(llmc, "doc_batches", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        export_dataset(data["eos"], to="llmc", out=out, options=ExportOptions(shard_tokens=5_000))
+    assert sorted(out.iterdir()) == second.files          # the earlier export, whole; no temps
+
+
+def test_megatron_damaged_pointers_and_an_export_stopped_between_renames(data, tmp_path,
+                                                                         monkeypatch):
+    from qovaryx_data.interop import megatron
+
+    export_dataset(data["eos"], to="megatron", out=tmp_path / "x")
+    idx = bytearray((tmp_path / "x.idx").read_bytes())
+    n_seq = int(np.frombuffer(bytes(idx[18:26]), "<u8")[0])
+    ptr_at = 34 + 4 * n_seq + 8 * 5                        # sequence 5's pointer
+    idx[ptr_at:ptr_at + 8] = np.array([10**9], "<i8").tobytes()
+    (tmp_path / "d.idx").write_bytes(bytes(idx))
+    shutil.copyfile(tmp_path / "x.bin", tmp_path / "d.bin")
+    with pytest.raises(QovaryxDataError, match=r"d\.idx: sequence 5 .* at byte 1000000000, "
+                                               r"outside .*d\.bin"):
+        import_dataset("megatron", tmp_path / "d", tokenizer=data["tok_dir"], out=tmp_path / "o")
+
+    real = os.replace
+
+    def second_fails(src, dst):
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(megatron.os, "replace", second_fails)
+    with pytest.raises(KeyboardInterrupt):                 # the old x.idx no longer indexes x.bin
+        export_dataset(data["none"], to="megatron", out=tmp_path / "x")
+    assert not (tmp_path / "x.idx").exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_bad_eos_id_and_an_out_that_is_a_file_are_refused_at_the_cli(data, tmp_path):
+    run = CliRunner().invoke
+    export_dataset(data["eos"], to="nanogpt", out=tmp_path / "ng")
+    res = run(main, ["import", "--from", "nanogpt", str(tmp_path / "ng"), "--tokenizer",
+                     str(data["tok_dir"]), "--out", str(tmp_path / "o"), "--eos-id", "5000"])
+    assert res.exit_code == 2 and "--eos-id 5000" in res.output and "0..2047" in res.output
+    (tmp_path / "file").write_text("x")
+    for to in ("nanogpt", "llmc"):
+        res = run(main, ["export", str(data["eos"]), "--to", to, "--out", str(tmp_path / "file")])
+        assert res.exit_code == 2 and "give a folder" in res.output, res.output
+        assert "Traceback" not in res.output

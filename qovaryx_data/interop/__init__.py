@@ -116,6 +116,11 @@ def import_dataset(fmt: str, path: str | os.PathLike, *, tokenizer: str | os.Pat
     if eos_id is None and (fmt != "megatron" or options.separator == "eos"):
         raise QovaryxDataError(f"{tokenizer}: the tokenizer has no {EOS_TOKEN} token, and {fmt} "
                                f"files mark documents with an end-of-text id: give it (--eos-id)")
+    if eos_id is not None and eos_id > max_id:
+        raise QovaryxDataError(f"--eos-id {eos_id}: the tokenizer {tokenizer} holds ids "
+                               f"0..{max_id} only; give the files' end-of-text id under that "
+                               f"tokenizer (its <|endoftext|> is "
+                               f"{tok.token_to_id(EOS_TOKEN)})")
     stats = [(str(f), *_stat(f)) for fs in splits.values() for f in fs]
     fingerprint = fingerprint_of("import", IMPORT_CODE_VERSION, PACK_FORMAT_VERSION, fmt, tok_hash,
                                  eos_id, sorted(asdict(options).items()), *stats)

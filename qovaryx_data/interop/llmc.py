@@ -6,7 +6,8 @@ for uint32 ("llama-3"). ``header[2]`` is an int32, so a shard holds at most 2**3
 Documents are marked by the end-of-text id *prepended* to each (``dev/data/fineweb.py``:
 ``all_tokens.append(eot); all_tokens.extend(tokens)``), and shards cut the stream every
 ``shard_tokens`` tokens, a document running on into the next shard. Export writes
-``{name}_{split}_{NNNNNN}.bin`` the same way; a ``separator: eos`` document ``t + [eos]`` becomes
+``{name}_{split}_{NNNNNN}.bin`` the same way (all of them renamed into place at the end,
+replacing every shard of an earlier export with that name and split); a ``separator: eos`` document ``t + [eos]`` becomes
 ``[eos] + t`` (the same tokens, the separator moved to the front), a ``separator: none`` document
 ``t`` becomes ``[eos] + t``. Import reads the shards in name order as one stream, cuts it before
 each end-of-text id and moves the separator back to the end (``separator: none``: drops it);
@@ -23,7 +24,8 @@ import numpy as np
 
 from qovaryx_data.errors import FormatError, QovaryxDataError
 from qovaryx_data.interop import ExportOptions
-from qovaryx_data.interop.stream import Batch, atomic_out, doc_batches, split_stream
+from qovaryx_data.interop.stream import (Batch, atomic_out, doc_batches, out_folder,
+                                         split_stream)
 
 SEPARATED = True
 HEADER_INTS = 256
@@ -99,7 +101,7 @@ def write(ds, out: Path, split: str | None, opts: ExportOptions, eos_id: int | N
     magic, version = _MAGIC_OF[dtype]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", opts.name or ds.info.get("name") or "qovaryx")
     eos_policy = ds.info["separator"]["policy"] == "eos"
-    out.mkdir(parents=True, exist_ok=True)
+    out_folder(out, "llmc")
     shard = _ShardWriter(out, f"{name}_{split or 'train'}", dtype, magic, version,
                          opts.shard_tokens)
     try:
@@ -120,13 +122,17 @@ def write(ds, out: Path, split: str | None, opts: ExportOptions, eos_id: int | N
 
 
 class _ShardWriter:
-    """Cuts one stream into shards of `limit` tokens (the last one shorter), each written under a
-    temp name and renamed when its header is final."""
+    """Cuts one stream into shards of `limit` tokens (the last one shorter). Each is written under
+    a temp name; `close` then removes the shards of an earlier export with the same stem and
+    renames the new ones into place. llm.c has no manifest (its loader globs the shards), so a run
+    killed half-way must not leave some finished shards (they would read as a whole, shorter
+    dataset) nor an earlier export's extra shards beside the new ones (read as more data)."""
 
     def __init__(self, out: Path, stem: str, dtype, magic: int, version: int, limit: int):
         self.out, self.stem, self.dtype, self.limit = out, stem, dtype, limit
         self.magic, self.version = magic, version
         self.files: list[Path] = []
+        self.tmps: list[Path] = []
         self.written = 0
         self.f = None
         self.n = 0
@@ -157,16 +163,24 @@ class _ShardWriter:
         self.f.write(header.tobytes())
         self.f.close()
         self.f = None
-        os.replace(self.tmp, self.path)
         self.files.append(self.path)
+        self.tmps.append(self.tmp)
 
     def close(self) -> None:
         if self.f is None and not self.files:
             self._open()           # an empty dataset: one shard of 0 tokens
         if self.f is not None:
             self._finish()
+        mine = re.compile(re.escape(self.stem) + r"_\d{6}\.bin")
+        for p in self.out.iterdir():           # an earlier export of this stem, all of it
+            if mine.fullmatch(p.name) and p.is_file():
+                p.unlink()
+        for tmp, path in zip(self.tmps, self.files):
+            os.replace(tmp, path)
 
     def abort(self) -> None:
         if self.f is not None:
             self.f.close()
-            self.tmp.unlink(missing_ok=True)
+        for tmp in self.tmps + ([self.tmp] if self.f is not None else []):
+            tmp.unlink(missing_ok=True)
+        self.f = None

@@ -93,10 +93,13 @@ def read(files: list[Path], eos_id: int | None) -> Iterator[Batch]:
     bin_path, idx_path = files
     dtype, lengths, pointers, docs = read_index(idx_path)
     need = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if len(lengths) else 0
-    if bin_path.stat().st_size < need:
-        raise FormatError(f"{bin_path}: {bin_path.stat().st_size} bytes, but {idx_path} points "
+    size = bin_path.stat().st_size
+    if size < need:
+        raise FormatError(f"{bin_path}: {size} bytes, but {idx_path} points "
                           f"up to byte {need}: the .bin is truncated")
-    data = np.memmap(bin_path, mode="r", dtype=dtype) if need else np.zeros(0, dtype)
+    n_items = size // dtype.itemsize
+    data = np.memmap(bin_path, mode="r", dtype=dtype, shape=(n_items,)) if n_items else \
+        np.zeros(0, dtype)
     item = dtype.itemsize
     for d0 in range(0, len(docs) - 1, _DOCS_PER_BATCH):
         d = docs[d0:d0 + _DOCS_PER_BATCH + 1]
@@ -107,6 +110,12 @@ def read(files: list[Path], eos_id: int | None) -> Iterator[Batch]:
         cum = np.concatenate([[0], np.cumsum(seq_len)])
         doc_len = cum[d[1:] - s0] - cum[d[:-1] - s0]
         ptr = pointers[s0:s1]
+        bad = (seq_len < 0) | (ptr < 0) | (ptr % item != 0) | (ptr + seq_len * item > size)
+        if bad.any():   # a damaged index would otherwise yield short documents silently
+            k = int(np.flatnonzero(bad)[0])
+            raise FormatError(f"{idx_path}: sequence {s0 + k} has length {int(seq_len[k])} at "
+                              f"byte {int(ptr[k])}, outside {bin_path} ({size} bytes of "
+                              f"{dtype.name} tokens): the index is damaged or not this .bin's")
         if s1 > s0 and (ptr == ptr[0] + cum[:-1] * item).all():   # contiguous: one slice
             a = int(ptr[0]) // item
             tokens = data[a:a + int(cum[-1])]
@@ -141,6 +150,9 @@ def write(ds, out: Path, split: str | None, opts: ExportOptions, eos_id: int | N
                 f.write(lengths.astype("<i4").tobytes())
             f.write((ds.doc_offsets[:-1] * dtype.itemsize).astype("<i8").tobytes())
             f.write(np.arange(n + 1, dtype="<i8").tobytes())
+        # an earlier export's .idx goes first: a run stopped between the renames leaves a .bin
+        # without an index, never a new .bin read through an old index
+        idx_path.unlink(missing_ok=True)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
     finally:

@@ -21,7 +21,8 @@ import numpy as np
 
 from qovaryx_data.errors import FormatError, QovaryxDataError
 from qovaryx_data.interop import ExportOptions
-from qovaryx_data.interop.stream import Batch, atomic_out, doc_batches, split_stream
+from qovaryx_data.interop.stream import (Batch, atomic_out, doc_batches, out_folder,
+                                         split_stream)
 
 SEPARATED = True
 SPLITS = ("train", "val")
@@ -71,7 +72,7 @@ def write(ds, out: Path, split: str | None, opts: ExportOptions, eos_id: int | N
     if policy == "none" and eos_id is None:
         raise QovaryxDataError(f"{ds.path}: --add-eos needs an end-of-text id, and the tokenizer "
                                f"has no <|endoftext|>")
-    out.mkdir(parents=True, exist_ok=True)
+    out_folder(out, "nanogpt")
     path = out / f"{split or 'train'}.bin"
     tmp = atomic_out(path)
     written = 0

@@ -61,6 +61,17 @@ def split_stream(pieces: Iterator[tuple[int, np.ndarray]], sep: int, where: str
         yield np.array([carry_file], np.int32), carry, np.array([len(carry)], np.int64)
 
 
+def out_folder(out: Path, fmt: str) -> Path:
+    """Create the export folder `out`; a QovaryxDataError (not a traceback) where a file is."""
+    if out.exists() and not out.is_dir():
+        from qovaryx_data.errors import QovaryxDataError
+
+        raise QovaryxDataError(f"{out}: a file, and an export to {fmt} writes a folder of files "
+                               f"there; give a folder (--out)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def atomic_out(path: Path):
     """A temp path beside `path` (renamed over it by the caller when complete)."""
     path.parent.mkdir(parents=True, exist_ok=True)
