@@ -250,6 +250,8 @@ KNOBS: dict[str, dict] = {
     "+ muon (matrix lr x4) + qk_norm": dict(GPT2_INIT, qk_norm=True, optimizer="muon", matrix_lr_mult=4.0),
 }
 LRS = (7e-4, 1.4e-3, 2.8e-3)
+# the knobs that change the compute of a step (the initializers do not)
+TIMED = ("+ qk_norm", "+ softcap 30", "+ untied head", "+ muon (matrix lr x4)")
 # What --quick and the protocol call "defaults": the presets' LEARNING_DEFAULTS (+ the chosen optimizer).
 DEFAULTS = dict(LEARNING_DEFAULTS, optimizer="adamw")
 
@@ -299,10 +301,73 @@ def full_protocol(corpus: dict, lrs=LRS, four_x: bool = True) -> None:
                                            **DEFAULTS)]})
 
 
+def table(path: Path = CACHE / "runs.jsonl") -> str:
+    """A markdown table of every run recorded in runs.jsonl, grouped by (label, lr, steps): mean
+    validation loss over seeds, seed spread (max - min), ratio to the GPT-2 baseline at the same
+    steps (its best lr's mean) and step time relative to it."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["lr"], r["steps"]), []).append(r)
+
+    def mean(rs, key):
+        return float(np.mean([r[key] for r in rs]))
+
+    base = {}  # steps -> the baseline group with the lowest mean validation loss
+    for (label, lr, steps), rs in groups.items():
+        if rs[0]["kind"] == "gpt2" and (steps not in base or mean(rs, "val_loss") < mean(base[steps], "val_loss")):
+            base[steps] = rs
+    out = ["| setting | lr | steps | seeds | val loss (nats) | bpb | ratio | seed spread | train loss | step time |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (label, lr, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], mean(kv[1], "val_loss"))):
+        b = base.get(steps)
+        ratio = f"{mean(rs, 'val_loss') / mean(b, 'val_loss'):.3f}" if b else "–"
+        st = f"{mean(rs, 'step_s') / mean(b, 'step_s'):.2f}x" if b else "–"
+        spread = f"{np.ptp([r['val_loss'] for r in rs]):.4f}" if len(rs) > 1 else "–"
+        out.append(f"| {label} | {lr:g} | {steps} | {len(rs)} | {mean(rs, 'val_loss'):.4f} | {mean(rs, 'val_bpb'):.4f} | "
+                   f"{ratio} | {spread} | {mean(rs, 'train_loss_last10'):.3f} | {st} |")
+    return "\n".join(out)
+
+
+def step_times(corpus: dict, specs: dict[str, dict], steps: int = 6, rounds: int = 3) -> None:
+    """Seconds per optimizer step of each setting against the baseline, measured in this process
+    in interleaved rounds (baseline, A, B, ..., baseline, A, B, ...; `steps` timed steps each after
+    2 untimed), median per setting: the ratio is what a knob costs in wall-clock on this machine."""
+    data = windows(corpus["train"], (steps + 2) * BATCH, 0).to(DEVICE)
+    built = {}
+    for name, spec in {"gpt2": {"kind": "gpt2"}, **specs}.items():
+        spec = dict(spec)
+        kind, opt_name = spec.pop("kind", "qovaryx"), spec.pop("optimizer", "adamw")
+        mults = {k: spec.pop(k) for k in ("embed_lr_mult", "matrix_lr_mult") if k in spec}
+        spec.pop("lr", None), spec.pop("label", None), spec.pop("seed", None), spec.pop("steps", None)
+        model = make_model(kind, 0, **spec).to(DEVICE)
+        built[name] = (model, build_optimizer(model, opt_name, 1e-3, **mults))
+    times: dict[str, list[float]] = {n: [] for n in built}
+    for _ in range(rounds):
+        for name, (model, opt) in built.items():
+            for i in range(steps + 2):
+                t0 = time.perf_counter()
+                lm_loss(model, data[i * BATCH:(i + 1) * BATCH]).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+    b = float(np.median(times["gpt2"]))
+    print(f"\n{'setting':<36} {'s/step':>8} {'ratio':>7}")
+    for name, ts in times.items():
+        print(f"{name:<36} {np.median(ts):8.3f} {np.median(ts) / b:6.2f}x")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one comparison: baseline vs the defaults, 1 seed")
     ap.add_argument("--run", help="one run given as JSON, e.g. '{\"kind\": \"gpt2\", \"lr\": 1.4e-3}'")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of build/bench_learning/runs.jsonl")
+    ap.add_argument("--step-time", action="store_true",
+                    help="step time of every knob against the baseline, interleaved in one process")
+    ap.add_argument("--steps", type=int, default=6, help="--step-time: timed steps per setting and round")
+    ap.add_argument("--rounds", type=int, default=3, help="--step-time: interleaved rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-4x", action="store_true", help="skip the confirmation at 4x the tokens")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (fp32: TF32 stays off)")
@@ -310,10 +375,17 @@ def main(argv=None) -> None:
     global DEVICE
     DEVICE = args.device
     torch.set_num_threads(args.threads)
+    if args.table:
+        print(table())
+        return
     corpus = load_corpus()
     print(f"corpus: {len(corpus['train']):,} training tokens ({len(corpus['train_files'])} works), "
           f"{len(corpus['val']):,} validation tokens ({len(corpus['val_files'])} works), "
           f"{VAL_WINDOWS * CONTEXT:,} scored; {corpus['val_bytes_per_token']:.3f} bytes/token")
+    if args.step_time:
+        step_times(corpus, {"defaults (normal + scaled)": DEFAULTS, **{k: KNOBS[k] for k in TIMED},
+                            "defaults, mtp_k=4": dict(DEFAULTS, mtp_k=4)}, steps=args.steps, rounds=args.rounds)
+        return
     if args.run:
         run_spec(corpus, json.loads(args.run))
         return
