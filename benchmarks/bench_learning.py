@@ -178,10 +178,21 @@ def build_optimizer(model: nn.Module, name: str, lr: float, embed_lr_mult: float
 
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """The next-token loss: what is scored."""
     if isinstance(model, GPT2):
         return model(batch, batch)
     # CONTEXT + 1 tokens in, labels unshifted: CONTEXT targets (the last position predicts nothing)
     return model(input_ids=batch, labels=batch).lm_loss
+
+
+def train_loss(model, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(the objective to minimize, its next-token part): with mtp_k > 1 the objective adds the MTP
+    depths' losses (mtp_weight x their mean), as the trainer's does; with mtp_k 1 it is the lm loss."""
+    if isinstance(model, GPT2):
+        loss = model(batch, batch)
+        return loss, loss.item()
+    out = model(input_ids=batch, labels=batch)
+    return out.loss, out.lm_loss.item()
 
 
 @torch.no_grad()
@@ -211,12 +222,12 @@ def run(kind: str, corpus: dict, lr: float, seed: int = 0, steps: int = STEPS, o
         f = lr_factor(step, steps)
         for g in opt.param_groups:
             g["lr"] = g["peak_lr"] * f
-        loss = lm_loss(model, data[step * BATCH:(step + 1) * BATCH])
+        loss, next_token = train_loss(model, data[step * BATCH:(step + 1) * BATCH])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        train_losses.append(loss.item())
+        train_losses.append(next_token)
     seconds = time.perf_counter() - t0
     v = evaluate(model, val)
     non_emb = model.non_embedding_params() if isinstance(model, GPT2) else qovaryx_non_embedding(model)
@@ -352,7 +363,7 @@ def step_times(corpus: dict, specs: dict[str, dict], steps: int = 6, rounds: int
         for name, (model, opt) in built.items():
             for i in range(steps + 2):
                 t0 = time.perf_counter()
-                lm_loss(model, data[i * BATCH:(i + 1) * BATCH]).backward()
+                train_loss(model, data[i * BATCH:(i + 1) * BATCH])[0].backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
