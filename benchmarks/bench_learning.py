@@ -320,7 +320,8 @@ def full_protocol(corpus: dict, lrs=LRS, four_x: bool = True) -> None:
 def table(path: Path = CACHE / "runs.jsonl") -> str:
     """A markdown table of every run recorded in runs.jsonl, grouped by (label, lr, steps): mean
     validation loss over seeds, seed spread (max - min), ratio to the GPT-2 baseline at the same
-    steps (its best lr's mean) and step time relative to it."""
+    steps (its best lr's mean), and the runs' wall seconds per step (they depend on what else ran:
+    --step-time measures the ratios)."""
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -333,12 +334,12 @@ def table(path: Path = CACHE / "runs.jsonl") -> str:
     for (label, lr, steps), rs in groups.items():
         if rs[0]["kind"] == "gpt2" and (steps not in base or mean(rs, "val_loss") < mean(base[steps], "val_loss")):
             base[steps] = rs
-    out = ["| setting | lr | steps | seeds | val loss (nats) | bpb | ratio | seed spread | train loss | step time |",
+    out = ["| setting | lr | steps | seeds | val loss (nats) | bpb | ratio | seed spread | train loss | s/step (wall) |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (label, lr, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], mean(kv[1], "val_loss"))):
         b = base.get(steps)
         ratio = f"{mean(rs, 'val_loss') / mean(b, 'val_loss'):.3f}" if b else "–"
-        st = f"{mean(rs, 'step_s') / mean(b, 'step_s'):.2f}x" if b else "–"
+        st = f"{mean(rs, 'step_s'):.2f}"
         spread = f"{np.ptp([r['val_loss'] for r in rs]):.4f}" if len(rs) > 1 else "–"
         out.append(f"| {label} | {lr:g} | {steps} | {len(rs)} | {mean(rs, 'val_loss'):.4f} | {mean(rs, 'val_bpb'):.4f} | "
                    f"{ratio} | {spread} | {mean(rs, 'train_loss_last10'):.3f} | {st} |")
