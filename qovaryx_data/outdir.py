@@ -12,6 +12,7 @@ import xxhash
 
 from qovaryx_data.errors import QovaryxDataError
 from qovaryx_data.manifest import DATASET_JSON, read_dataset_json
+from qovaryx_data.packing.plan import folder_listing
 
 
 def fingerprint_of(kind: str, *parts: object) -> str:
@@ -49,10 +50,8 @@ def prepare_output(out: str | os.PathLike, *, force: bool, command: str,
                                    f"write to a new folder (--out)")
     if out.is_dir() and any(out.iterdir()) and not force:
         if not any((out / s / DATASET_JSON).exists() for s in ("", "train", "val")):
-            names = sorted(p.name for p in out.iterdir())
-            some = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
             raise QovaryxDataError(
-                f"{out}: the output folder is not empty ({some}) and holds no dataset; write to a "
+                f"{out}: the output folder is not empty ({folder_listing(out)}) and holds no dataset; write to a "
                 f"new or empty folder (--out), or pass --force to write there anyway ({command} "
                 f"then writes only dataset.json, shard-NNNNN.*, source_files.json, "
                 f"image_files.json, tokenizer/, train/ and val/, and leaves other files alone)")

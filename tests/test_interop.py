@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -25,18 +24,11 @@ from qovaryx_data import PackedDataset, tokenizer_hash, verify
 from qovaryx_data.cli import main
 from qovaryx_data.errors import QovaryxDataError
 from qovaryx_data.interop import ExportOptions, ImportOptions, export_dataset, import_dataset
-from qovaryx_data.packer import pack
 
 N_VERSES = 600
 
 
-def _pack(folder: Path, tokenizer: Path, sources: list[dict], **extra) -> Path:
-    m = {"name": folder.name, "tokenizer": str(tokenizer), "output": "out", "sources": sources,
-         **extra}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pack.yaml").write_text(yaml.safe_dump(m), encoding="utf-8")
-    pack(folder / "pack.yaml", workers=1, progress=False)
-    return folder / "out"
+from trainer_util import pack_sources as _pack  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from fmnist import DECISION_NAMES, load_fashion_mnist, write_png_source
@@ -24,16 +23,9 @@ from qovaryx_data import PackedDataset, verify
 from qovaryx_data.cli import main
 from qovaryx_data.errors import QovaryxDataError
 from qovaryx_data.merge import merge
-from qovaryx_data.packer import pack
 
 
-def _pack(folder: Path, tokenizer: Path, sources: list[dict], **extra) -> Path:
-    m = {"name": folder.name, "tokenizer": str(tokenizer), "output": "out", "sources": sources,
-         **extra}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pack.yaml").write_text(yaml.safe_dump(m), encoding="utf-8")
-    pack(folder / "pack.yaml", workers=1, progress=False)
-    return folder / "out"
+from trainer_util import pack_sources as _pack  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,17 @@ def pack_texts(files: list[Path], tokenizer: Path, out: Path, *, name: str = "pl
     return out
 
 
+def pack_sources(folder: Path, tokenizer: Path, sources: list[dict], **extra) -> Path:
+    """Pack a manifest of `sources` (+ manifest keys) written to folder/pack.yaml; returns folder/out."""
+    from qovaryx_data.packer import pack
+
+    m = {"name": folder.name, "tokenizer": str(tokenizer), "output": "out", "sources": sources, **extra}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pack.yaml").write_text(yaml.safe_dump(m), encoding="utf-8")
+    pack(folder / "pack.yaml", workers=1, progress=False)
+    return folder / "out"
+
+
 def write_recipe(path: Path, **keys) -> Path:
     path.write_text(yaml.safe_dump({**TINY, **keys}))
     return path

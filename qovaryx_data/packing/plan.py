@@ -49,13 +49,17 @@ def refuse_foreign_output(out_dir: Path) -> None:
              out_dir / "train" / DATASET_JSON, out_dir / "val" / DATASET_JSON]
     if any(p.exists() for p in marks):
         return
-    names = sorted(p.name for p in out_dir.iterdir())
-    some = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
     raise QovaryxDataError(
-        f"{out_dir}: the output folder is not empty ({some}) and holds no earlier "
+        f"{out_dir}: the output folder is not empty ({folder_listing(out_dir)}) and holds no earlier "
         f"pack (no {DATASET_JSON}, {WORK_DIR}/ or {LOCK_FILE}); pack into a new or empty folder "
         f"(--out), or pass --force (pack(force=True)) to pack there anyway: pack then writes and "
         f"replaces only its own names ({', '.join(OWN_NAMES)}) and leaves every other file alone")
+
+
+def folder_listing(folder: Path) -> str:
+    """The first five names in a folder, and how many there are when more: for error messages."""
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
 
 
 def usable_cores() -> int:
