@@ -11,18 +11,21 @@ NAMES = ["hold", "buy", "sell", "abstain"]  # pipelines/charts.py DECISION_NAMES
 
 
 
-def _dead_band(cfg) -> str:
-    """One sentence on ChartConfig.margin: what was left out and why (sub-pixel at 32x32)."""
+def _dead_band(cfg, side: int) -> str:
+    """One sentence on ChartConfig.margin: what was left out and why (sub-pixel at the packed size)."""
     if not cfg.margin:
         return "Every drawn series is kept (no dead band around the thresholds)."
     r = cfg.rule
-    px = 31 / cfg.log_span  # pixels per unit of log price at the packed 32x32
+    px = (side - 1) / cfg.log_span  # pixels per unit of log price at the packed size
+    move, zigzag = r.trend_threshold * cfg.margin * px, r.vol_threshold * cfg.margin * px
+    why = ("below one pixel, so no reader of the picture could call those charts"
+           if max(move, zigzag) < 1 else "a band a reader of the picture could barely resolve")
     return (f"Series within {cfg.margin:.0%} of a threshold are drawn again (a dead band: |trend| within "
             f"{r.trend_threshold * (1 - cfg.margin):.3f}..{r.trend_threshold * (1 + cfg.margin):.3f}, or vol within "
-            f"{r.vol_threshold * (1 - cfg.margin):.4f}..{r.vol_threshold * (1 + cfg.margin):.4f}): at 32x32 the band is "
-            f"{r.trend_threshold * cfg.margin * px:.2f} px of net move and {r.vol_threshold * cfg.margin * px:.2f} px "
-            "of zigzag on either side, below one pixel, so no reader of the picture could call those charts. "
+            f"{r.vol_threshold * (1 - cfg.margin):.4f}..{r.vol_threshold * (1 + cfg.margin):.4f}): at {side}x{side} the band is "
+            f"{move:.2f} px of net move and {zigzag:.2f} px of zigzag on either side, {why}. "
             "`--margin 0` keeps them.")
+
 
 def _plt():
     import matplotlib
@@ -164,7 +167,7 @@ vol = std of the log returns):
 | sell | otherwise, trend < -{rule.trend_threshold} |
 | hold | otherwise |
 
-{_dead_band(args.chart_config)}
+{_dead_band(args.chart_config, side)}
 
 {_table(["split", "charts", "tokens", "hold / buy / sell / abstain", "image (HxWxC)"], split_rows)}
 
