@@ -205,3 +205,23 @@ def test_checkpoints_keep_the_newest_and_latest_points_at_one(tmp_path, plays):
     assert names == ["step-00000005", "step-00000006"]
     assert (res.out / "checkpoints" / "latest").read_text().strip() == "step-00000006"
     assert not list((res.out / "checkpoints").glob(".*tmp*"))
+
+
+def test_tensorboard_logs_the_metrics(tmp_path, plays):
+    """tensorboard: true writes out/tensorboard with every numeric training and validation metric of
+    metrics.jsonl, at its step."""
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from qovaryx_model.trainer import train
+
+    res = train(write_recipe(tmp_path / "r.yaml", tensorboard=True, target_tokens=4 * 2048, eval_every=2,
+                             save_every=0), plays, out=tmp_path / "o", progress=False)
+    acc = EventAccumulator(str(res.out / "tensorboard"))
+    acc.Reload()
+    rows = steps(res.out)
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)  # stored as float32
+    assert {"train/lm_loss", "train/grad_norm", "train/lr", "train/tokens_per_s", "val/val_loss"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("val/val_loss")] == [2, 4]

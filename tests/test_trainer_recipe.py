@@ -245,3 +245,35 @@ def test_muon_trains_and_resumes_exactly(tmp_path, plays):
     a, b = steps(full.out), steps(again.out)
     assert a[-1]["lm_loss"] < a[0]["lm_loss"]
     assert [x["loss"] for x in a] == [y["loss"] for y in b]
+
+
+def test_compile_runs_the_same_steps_as_eager(tmp_path, plays):
+    """compile: true trains through torch.compile (inductor on CPU): the same losses as the eager run
+    within a tolerance (two computations), and the compiled run's checkpoint holds plain weights."""
+    from safetensors.torch import load_file
+
+    from qovaryx_model.trainer import train
+
+    runs = [train(write_recipe(tmp_path / f"r{c}.yaml", compile=c, target_tokens=3 * 2048, save_every=0), plays,
+                  out=tmp_path / f"o{c}", progress=False) for c in (False, True)]
+    eager, compiled = steps(runs[0].out), steps(runs[1].out)
+    assert len(compiled) == 3
+    for x, y in zip(eager, compiled):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)
+    names = set(load_file(runs[1].checkpoint / "model.safetensors"))
+    assert names == set(load_file(runs[0].checkpoint / "model.safetensors")) and not any("_orig_mod" in n for n in names)
+
+
+
+def test_a_validation_set_too_short_for_one_window_is_reported(tmp_path, plays, shakespeare_files, small_tokenizer):
+    """Validation data without a single window of max_seq_len + 1 tokens: the run says so (naming the
+    folder and the fix) instead of silently reporting no validation loss."""
+    from qovaryx_model.trainer import train
+
+    line = tmp_path / "one_line.txt"
+    line.write_text(shakespeare_files[0].read_text(encoding="utf-8").strip().splitlines()[0] + "\n")
+    short = pack_texts([line], small_tokenizer, tmp_path / "short")
+    with pytest.warns(UserWarning, match=r"validation data .*short.* holds no window of 65 tokens.*--val-data"):
+        res = train(write_recipe(tmp_path / "r.yaml", target_tokens=2048, save_every=0), plays, val_data=short,
+                    out=tmp_path / "o", progress=False)
+    assert res.val_loss is None

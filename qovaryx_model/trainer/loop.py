@@ -15,6 +15,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
         persistent_workers=False)
     val_plans = (eval_plans(rd.val, recipe.max_seq_len, recipe.eval_tokens, recipe.tokens_per_batch)
                  if rd.val is not None else [])
+    if rd.val is not None and not val_plans and dd.main:
+        warnings.warn(f"validation data {rd.val.path} holds no window of {recipe.max_seq_len + 1} tokens and no "
+                      "image or label row: this run reports no validation loss. Pack a larger validation share "
+                      "(validation: in the manifest) or give --val-data")
     val_loader = BatchLoader([rd.val], image_shape, cfg.decision_head_enabled) if rd.val is not None else None
     nbytes = (torch.as_tensor(token_bytes(rd.tokenizer_dir, cfg.vocab_size), device=dd.device)
               if rd.val is not None else None)
