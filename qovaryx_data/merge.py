@@ -279,7 +279,7 @@ def _merged_info(paths, infos, name, fingerprint, shards, files, sources, has_im
         "sources": sources,
         "shards": shards,
         "image_files": IMAGE_FILES if has_image_files else None,
-        "source_files": SOURCE_FILES,
+        "source_files_file": SOURCE_FILES,
         "files": files,
         "skipped": dict(sorted(skipped.items())),
         "skipped_sample": samples,

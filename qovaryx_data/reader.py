@@ -316,7 +316,14 @@ def _read_source_files(folder: Path, info: dict) -> list[str]:
     entry = info.get("source_files")
     if isinstance(entry, list):   # format 1.0: inline
         return entry
-    p = folder / str(entry)
+    # 1.1 names the side file under its own key, so that a 1.0 reader (which indexes the list under
+    # `source_files`) fails on the missing key instead of indexing the file name's characters; the
+    # first 1.1 writes put the name under `source_files` itself, read here too.
+    entry = info.get("source_files_file", entry)
+    if not isinstance(entry, str):
+        raise FormatError(f"{folder / 'dataset.json'}: neither 'source_files' (format 1.0) nor "
+                          f"'source_files_file' (1.1) names the source files; the dataset is damaged, re-run pack")
+    p = folder / entry
     try:
         rec = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

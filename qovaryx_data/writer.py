@@ -246,7 +246,7 @@ class DatasetWriter:
             "sources": [{"path": p, **st} for p, st in zip(sources, self.per_source)],
             "shards": self.shards,
             "image_files": IMAGE_FILES if image_files else None,
-            "source_files": SOURCE_FILES,
+            "source_files_file": SOURCE_FILES,
             "files": files,
         })
         write_dataset_json(self.folder, info)

@@ -80,6 +80,7 @@ def test_a_format_1_0_dataset_still_opens(tiny):
     del info["files"]["source_files.json"]
     for name in ("shard-00000.tok", "shard-00000.idx"):
         info["files"][name] = file_entry(tiny / name)
+    del info["source_files_file"]
     info.update(format_version="1.0", source_files=side["files"])
     (tiny / "dataset.json").write_text(json.dumps(info))
     ds = PackedDataset(tiny)
@@ -88,5 +89,9 @@ def test_a_format_1_0_dataset_still_opens(tiny):
         ([2, 3, 4, 0], side["files"][0], 1), ([4, 0], side["files"][0], 2)]
     assert verify(tiny).ok
     (tiny / "dataset.json").write_text(json.dumps({**info, "source_files": "source_files.json"}))
-    with pytest.raises(FormatError, match=r"source_files\.json: unreadable"):
+    with pytest.raises(FormatError, match=r"source_files\.json: unreadable"):  # the first 1.1 writes' key
+        PackedDataset(tiny)[0]
+    del info["source_files"]
+    (tiny / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(FormatError, match=r"neither 'source_files' \(format 1.0\) nor 'source_files_file'"):
         PackedDataset(tiny)[0]
