@@ -162,7 +162,12 @@ def test_export_loads_without_qovaryx_and_init_cli(tmp_path, tok_dir):
         # two model instances: equal weights, but not necessarily the same kernels (alignment, threads)
         torch.testing.assert_close(m(input_ids=ref["ids"]).logits, ref["logits"], rtol=1e-5, atol=1e-5)
         gen = m.generate(ref["ids"][:1], max_new_tokens=6, min_new_tokens=6, do_sample=False)
-        assert torch.equal(gen, ref["gen"]), (gen, ref["gen"])
+        # greedy tokens of two instances agree but at a near-tie: each token the original chose is an
+        # argmax of the reloaded model's logits on the original's continuation, to 1e-4
+        assert gen.shape == ref["gen"].shape and torch.equal(gen[:, :9], ref["ids"][:1])
+        step_logits = m(input_ids=ref["gen"]).logits[0, 8:-1]
+        chosen = step_logits.gather(-1, ref["gen"][0, 9:, None])[:, 0]
+        assert (chosen >= step_logits.max(-1).values - 1e-4).all(), (gen, ref["gen"])
         tok = AutoTokenizer.from_pretrained("exp", trust_remote_code=True)
         assert tok.eos_token_id == 0 and tok.pad_token_id == 1
 
