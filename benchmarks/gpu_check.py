@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from qovaryx_model import QovaryxConfig, QovaryxForCausalLM, parameter_counts
-from qovaryx_model import model as qmodel
+from qovaryx_model import attention as qmodel
 from qovaryx_model.trainer.metrics import PEAK_BF16_FLOPS, flops_per_token, peak_flops
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 and the packed ternary weight file.
 
 An exported folder holds config.json (with `auto_map`), model.safetensors, generation_config.json,
-the modeling source (config.py, model.py, ffn.py, heads.py), tokenizer files and README.md, and
+the modeling source (config.py, model.py, attention.py, ffn.py, heads.py), tokenizer files and README.md, and
 loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where qovaryx is not
 installed. Weights are safetensors only; nothing here unpickles.
 """

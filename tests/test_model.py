@@ -11,7 +11,7 @@ from qovaryx_model import FinanceDecoder, QovaryxConfig, QovaryxForCausalLM, par
 from qovaryx_model.ffn import (BitLinear, RoutedLowRankSwiGLU, pack_ternary, quantize_activations,
                                ternary_quantize, unpack_ternary)
 from qovaryx_model.hf import export_ternary_packed, load_ternary_packed
-from qovaryx_model.model import AttnMask, Attention, apply_rope, positions_for, rope_cos_sin
+from qovaryx_model.attention import AttnMask, Attention, apply_rope, positions_for, rope_cos_sin
 
 FFN_KINDS = ["swiglu", "ternary_swiglu", "lowrank_swiglu", "routed_lowrank_swiglu"]
 V = 512  # small vocab keeps the debug model quick
@@ -565,12 +565,13 @@ def test_bf16_autocast_and_bf16_weights(kind):
 def test_docstring_examples():
     import doctest
 
+    import qovaryx_model.attention
     import qovaryx_model.config
     import qovaryx_model.ffn
     import qovaryx_model.heads
     import qovaryx_model.model
 
-    for mod in (qovaryx_model.config, qovaryx_model.ffn, qovaryx_model.heads, qovaryx_model.model):
+    for mod in (qovaryx_model.attention, qovaryx_model.config, qovaryx_model.ffn, qovaryx_model.heads, qovaryx_model.model):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
 

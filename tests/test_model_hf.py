@@ -127,7 +127,7 @@ def test_export_loads_without_qovaryx_and_init_cli(tmp_path, tok_dir):
     exp = export_pretrained(model, tmp_path / "exp", tokenizer=load_hf_tokenizer(tok_dir))
     names = {p.name for p in exp.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.json",
-            "tokenizer_config.json", "config.py", "model.py", "ffn.py", "heads.py"} <= names
+            "tokenizer_config.json", "config.py", "model.py", "attention.py", "ffn.py", "heads.py"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # no pickles
     assert json.loads((exp / "config.json").read_text())["format_version"] == "1.0"
     auto_map = json.loads((exp / "config.json").read_text())["auto_map"]
