@@ -11,7 +11,7 @@ Corpus: Shakespeare (one document per play) + Austen (paragraphs) + KJV (verses)
 3. peak RSS (whole process tree, sampled) of a pack of the corpus x4 vs x1, each in a fresh
    process (goal <= 1.2x and < 1 GB);
 4. scale of the work units (`--skip-scale` to leave out; `--only-scale` for this part alone):
-   one large ``.jsonl.zst`` (the KJV verses as JSONL, zstd-compressed in a temp dir) packed with
+   one large ``.jsonl.zst`` (the KJV verses as JSONL, `--zst-repeat` times, zstd-compressed in a temp dir) packed with
    N workers vs 1 (decoded once, tokenized on every core: goal close to N on an idle machine) and
    vs the same lines as a plain ``.jsonl`` (goal ~1x); 2,000 one-verse files vs the same verses
    in one file (goal ~1x: small files are grouped into units); an up-to-date re-run vs the pack
@@ -181,7 +181,7 @@ def _bytes_read() -> int:
         return -1
 
 
-def scale(tmp: Path, tok_dir: Path, workers: int, rounds: int) -> None:
+def scale(tmp: Path, tok_dir: Path, workers: int, rounds: int, zst_repeat: int = 8) -> None:
     """Section 4 of the module docstring: ratios of pack times measured in this run."""
     import json
 
@@ -190,7 +190,7 @@ def scale(tmp: Path, tok_dir: Path, workers: int, rounds: int) -> None:
     from qovaryx_data.packer import pack
 
     verses = [v for v in (SHARED / "kjv.txt").read_text(encoding="utf-8").splitlines() if v]
-    jsonl = "".join(json.dumps({"text": v}) + "\n" for v in verses).encode()
+    jsonl = "".join(json.dumps({"text": v}) + "\n" for v in verses).encode() * zst_repeat
     d = tmp / "scale"
     (d / "files").mkdir(parents=True)
     (d / "kjv.jsonl").write_bytes(jsonl)
@@ -336,6 +336,8 @@ def main() -> None:
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--only-scale", action="store_true")
+    ap.add_argument("--zst-repeat", type=int, default=8,
+                    help="section 4: copies of the KJV verses in the one .jsonl.zst (8: ~45 MB decoded)")
     ap.add_argument("--only-merge", action="store_true",
                     help="section 6 alone: merge vs a plain copy of the same bytes")
     ap.add_argument("--merge-repeat", type=int, default=32,
@@ -354,7 +356,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_pack_"))
     try:
         if args.only_scale:
-            scale(tmp, tok_dir, args.workers, args.rounds)
+            scale(tmp, tok_dir, args.workers, args.rounds, args.zst_repeat)
             return
         if args.only_merge:
             merge_vs_copy(tmp, tok_dir, args.workers, args.merge_repeat, args.rounds)
@@ -444,7 +446,7 @@ def main() -> None:
                   f"x4 {rss4:,.0f} MiB ({s4:.1f} s)")
             print(f"RATIO peak RSS x4 / x1: {rss4 / rss1:.2f}x  (goal <= 1.2x, < 1 GB)")
         if not args.skip_scale:
-            scale(tmp, tok_dir, args.workers, args.rounds)
+            scale(tmp, tok_dir, args.workers, args.rounds, args.zst_repeat)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -177,12 +177,13 @@ class QovaryxConfig(PreTrainedConfig):
             raise bad("residual_init", self.residual_init, f"choose one of {RESIDUAL_INITS}")
         if not self.initializer_range > 0:
             raise bad("initializer_range", self.initializer_range, "use a positive standard deviation (GPT-2: 0.02)")
-        if self.logit_softcap < 0:
+        if not (_finite(self.logit_softcap) and self.logit_softcap >= 0):
             raise bad("logit_softcap", self.logit_softcap, "use 0 (off) or a positive cap such as 30")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, (list, tuple)) else [value]
-            if not all(t is None or (isinstance(t, int) and 0 <= t < self.vocab_size) for t in ids):
+            if not ids or not all(t is None or (isinstance(t, int) and not isinstance(t, bool)
+                                                and 0 <= t < self.vocab_size) for t in ids):
                 raise bad(name, value, f"use None or token ids in 0..{self.vocab_size - 1} (vocab_size={self.vocab_size})")
 
     # --- derived quantities ---

@@ -171,7 +171,9 @@ def test_packed_ternary_reload_gives_the_exported_model(tmp_path, tied):
     (dict(eos_token_id=V), "eos_token_id"), (dict(eos_token_id=[0, V + 3]), "eos_token_id"),
     (dict(eos_token_id=-1), "eos_token_id"), (dict(bos_token_id=-1), "bos_token_id"),
     (dict(bos_token_id=V), "bos_token_id"), (dict(pad_token_id=-2), "pad_token_id"),
-    (dict(pad_token_id=V), "pad_token_id"),
+    (dict(pad_token_id=V), "pad_token_id"), (dict(eos_token_id=[]), "eos_token_id"),
+    (dict(eos_token_id=True), "eos_token_id"), (dict(logit_softcap=float("nan")), "logit_softcap"),
+    (dict(logit_softcap=-1.0), "logit_softcap"),
 ])
 def test_config_refuses_bad_numbers_and_token_ids(kw, field):
     with pytest.raises(ValueError, match=rf"QovaryxConfig\.{field}="):
