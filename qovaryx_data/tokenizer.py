@@ -312,6 +312,11 @@ def _check_out_dir(out: Path, cfg: BpeConfig, force: bool) -> str | None:
                 f"--out {out} holds another tokenizer's files ({', '.join(other)}); train-bpe "
                 f"would replace them: choose another --out, or pass --force to replace them")
         return None
+    stale = [n for n in STALE_HF_FILES if (out / n).exists()]
+    if stale:   # another layout's files beside a tokenizer.json: train-bpe would delete them
+        raise TokenizerError(
+            f"--out {out} holds, beside {TOKENIZER_FILE}, other tokenizer files ({', '.join(stale)}) "
+            f"that train-bpe would delete: choose another --out, or pass --force to replace them")
     try:
         old = load_tokenizer(out)
         old_hash = tokenizer_hash(old)

@@ -316,6 +316,11 @@ def test_out_holding_another_tokenizers_files_is_refused_unless_forced(kjv_lines
     train_bpe([str(kjv_lines)], out=out, vocab_size=300, split="line", force=True)
     assert sorted(p.name for p in out.iterdir()) == [
         "notes.md", "qovaryx_tokenizer.json", "tokenizer.json", "tokenizer_config.json"]
+    # a stray vocab.json beside our own tokenizer.json counts too (re-training would delete it)
+    _write(out / "vocab.json", '{"hello": 0}')
+    with pytest.raises(TokenizerError, match=r"beside tokenizer\.json, other tokenizer files \(vocab\.json\).*--force"):
+        train_bpe([str(kjv_lines)], out=out, vocab_size=300, split="line")
+    assert (out / "vocab.json").read_text() == '{"hello": 0}'
 
 
 def test_all_input_formats_give_the_same_tokenizer(kjv_lines, tmp_path):
