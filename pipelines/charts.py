@@ -41,8 +41,8 @@ from PIL import Image, ImageDraw
 
 DECISION_NAMES = ["hold", "buy", "sell", "abstain"]  # class id = position (the manifest's decision_labels)
 STYLES = ("line", "area", "bars")
-FORMAT = "qovaryx-charts"
-FORMAT_VERSION = 1
+CHARTS_FORMAT = "qovaryx-charts"
+CHARTS_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -201,10 +201,10 @@ def write_chart_source(out: str | os.PathLike, cfg: ChartConfig) -> Path:
     charts.json (format, version, the config, class counts). The folder appears atomically;
     one that already holds the same config is reused. Returns the rows.jsonl path."""
     out = Path(out)
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(cfg)}
+    meta = {"format": CHARTS_FORMAT, "version": CHARTS_FORMAT_VERSION, "config": asdict(cfg)}
     if (out / "charts.json").exists():
         old = json.loads((out / "charts.json").read_text(encoding="utf-8"))
-        if old.get("format") == FORMAT and old.get("version") == FORMAT_VERSION and old.get("config") == meta["config"]:
+        if old.get("format") == CHARTS_FORMAT and old.get("version") == CHARTS_FORMAT_VERSION and old.get("config") == meta["config"]:
             return out / "rows.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
