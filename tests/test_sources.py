@@ -304,6 +304,15 @@ def test_null_text_is_bad_input_naming_file_and_row(tmp_path):
     got = rows(SourceConfig(path=str(p)), on_error="skip")
     assert [(s.row, s.reason) for s in got if isinstance(s, Skipped)] == [(1, "null_text"),
                                                                           (2, "empty")]
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a", None, ""]}).save_to_disk(tmp_path / "n_hf")
+    with pytest.raises(SourceError, match=r"n_hf row 1: field 'text' is null") as e:
+        rows(SourceConfig(path=str(tmp_path / "n_hf")))
+    assert e.value.reason == "null_text"
+    got = rows(SourceConfig(path=str(tmp_path / "n_hf")), on_error="skip")
+    assert [(s.row, s.reason) for s in got if isinstance(s, Skipped)] == [(1, "null_text"),
+                                                                          (2, "empty")]
 
 
 def test_deeply_nested_jsonl_line_is_a_named_error(tmp_path):
