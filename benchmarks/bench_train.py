@@ -40,7 +40,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "pipelines"))
+sys.path.insert(0, str(REPO))  # pipelines.demo_multimodal (imports pipelines.stages)
 
 from trainer_util import pack_texts  # noqa: E402
 
@@ -167,7 +167,7 @@ def state_bytes(preset: str, optimizer: str) -> int:
 
 
 def run_fmnist(data: Path, work: Path, steps: int, weight: float) -> dict:
-    from demo_multimodal import calibration, predict
+    from pipelines.demo_multimodal import calibration, predict
 
     recipe = write(work / f"mm-{weight}.yaml", **MM, target_tokens=steps * MM["tokens_per_batch"],
                    calibration_loss_weight=weight)
