@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from . import checkpoint as ckpt
-from .data import BatchLoader, PlanStream, Sampler, eval_plans, resolve_data, token_bytes
+from .data import BatchLoader, PlanStream, Sampler, as_batch, eval_plans, keep_as_is, resolve_data, token_bytes
 from .metrics import MetricsLog, Throughput, bits_per_byte, flops_per_token, fmt_tokens, peak_flops
 from .optim import Schedule, build_optimizer
 from .recipe import Recipe, TrainerError, load_recipe
@@ -103,10 +103,12 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
     autocast = (lambda: torch.autocast(dd.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
     image_shape = (cfg.image_size, cfg.image_size, cfg.image_channels) if cfg.chart_patch_encoder_enabled else None
-    loader_ds = BatchLoader(rd.train, image_shape, cfg.decision_head_enabled)
+    cuda = dd.device.type == "cuda"
+    loader_ds = BatchLoader(rd.train, image_shape, cfg.decision_head_enabled,
+                            as_numpy=not cuda and recipe.num_workers > 0)
     loader = torch.utils.data.DataLoader(
-        loader_ds, sampler=PlanStream(sampler, dd.rank, dd.world), batch_size=None, num_workers=recipe.num_workers,
-        pin_memory=dd.device.type == "cuda", prefetch_factor=4 if recipe.num_workers else None,
+        loader_ds, sampler=PlanStream(sampler, dd.rank, dd.world), batch_size=None, collate_fn=keep_as_is,
+        num_workers=recipe.num_workers, pin_memory=cuda, prefetch_factor=4 if recipe.num_workers else None,
         persistent_workers=False)
     val_plans = (eval_plans(rd.val, recipe.max_seq_len, recipe.eval_tokens, recipe.tokens_per_batch)
                  if rd.val is not None else [])
@@ -157,7 +159,7 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
             wait = time.perf_counter() - t0
             assert all(x["plan"]["step"] == step for x in items), "the loader and the loop agree on the step"
             sampler_state = items[-1]["plan"]["state"]
-            batches = [_to(x["batch"], dd.device) for x in items]
+            batches = [_to(as_batch(x["batch"]), dd.device) for x in items]
             counts = _step_counts(model, batches, dd)
             lr_factor = schedule.apply(step)
             sums = {k: torch.zeros((), device=dd.device) for k in TERMS}
