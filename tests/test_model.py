@@ -523,9 +523,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
     b.load_state_dict(a.state_dict())
     b.activation_checkpointing_enable()
     assert b.model.gradient_checkpointing
+    calls = {"a": 0, "b": 0}
+    for name, m in (("a", a), ("b", b)):
+        m.model.layers[0].register_forward_pre_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
     batch = full_batch(cfg)
     la, lb = a(**batch).loss, b(**batch).loss
     la.backward(), lb.backward()
+    assert calls == {"a": 1, "b": 2}  # recomputed in the backward (pre-hooks: the recompute stops early)
     torch.testing.assert_close(la, lb)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         if pa.grad is None:

@@ -131,7 +131,7 @@ def test_resume_after_kill_9(tmp_path, plays):
     """kill -9 between checkpoints: --resume continues from the last complete one, and the losses
     after it equal an uninterrupted run's. Both runs go through the same CLI in a fresh process with
     the same environment (threads included): the same computation repeated, so `==`."""
-    keys = dict(target_tokens=10 * 2048, save_every=2)
+    keys = dict(target_tokens=24 * 2048, save_every=2)  # 20 steps after the kill's trigger: it lands mid-run
     recipe = write_recipe(tmp_path / "k.yaml", **keys)
 
     def cmd(out: Path) -> list[str]:
@@ -149,12 +149,13 @@ def test_resume_after_kill_9(tmp_path, plays):
     proc.wait()
     latest = (out / "checkpoints" / "latest").read_text().strip()
     done = int(latest.split("-")[1])
-    assert 4 <= done < 10, latest
+    assert 4 <= done < 24, latest
     r = subprocess.run(cmd(out) + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     a = {x["step"]: x for x in steps(tmp_path / "full")}
     b = steps(out)
-    assert [x["step"] for x in b] == list(range(1, 11))
+    assert [x["step"] for x in b] == list(range(1, 25))
+    assert "[train] 24 steps" in r.stderr and "checkpoint" in r.stderr  # the closing summary
     for y in b:
         assert (y["loss"], y["data_order_fingerprint"]) == (a[y["step"]]["loss"], a[y["step"]]["data_order_fingerprint"])
 
@@ -176,10 +177,22 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, plays):
 
 
 def test_curriculum_keeps_tokens_per_step_and_switches_on_time(tmp_path, plays):
-    res = run_train(tmp_path, "c", plays, length_curriculum=[[16, 2], [32, 4], [64, -1]], target_tokens=6 * 2048)
+    """seq_len in metrics.jsonl is the length the loader served; each step's micro-batches hold
+    tokens_per_batch tokens at the stage's length, and the switches come at the stages' steps."""
+    from qovaryx_data import PackedDataset
+    from qovaryx_model.trainer.data import Sampler
+    from qovaryx_model.trainer.recipe import load_recipe
+
+    keys = dict(length_curriculum=[[16, 2], [32, 4], [64, -1]], target_tokens=6 * 2048)
+    res = run_train(tmp_path, "c", plays, **keys)
     rows = steps(res.out)
     assert [r["seq_len"] for r in rows] == [16, 16, 32, 32, 64, 64]
     assert all(b["tokens"] - a["tokens"] == 2048 for a, b in zip(rows, rows[1:]))
+    assert all(0.9 * 2048 < r["targets"] <= 2048 for r in rows)  # minus documents' first tokens only
+    sampler = Sampler([PackedDataset(plays / "train")], [1.0], load_recipe(tmp_path / "c.yaml"), 0)
+    for want in [16, 16, 32, 32, 64, 64]:
+        micro = sampler.plan_step()
+        assert len(micro) == 2 and all(set(m[:, 3]) == {want} and len(m) * want == 1024 for m in micro)
     # every sequence has seq_len targets unless a document starts inside it: 2 x 1,024 targets a step
     assert all(1900 < r["targets"] <= 2048 for r in rows)
 

@@ -212,6 +212,7 @@ def test_activation_checkpointing_recomputes_the_same_step(tmp_path, plays):
     runs = [train(write_recipe(tmp_path / f"r{ac}.yaml", activation_checkpointing=ac, target_tokens=3 * 2048,
                                save_every=0), plays, out=tmp_path / f"o{ac}", progress=False) for ac in (False, True)]
     a, b = steps(runs[0].out), steps(runs[1].out)
+    assert runs[1].model.model.gradient_checkpointing and not runs[0].model.model.gradient_checkpointing
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
 
@@ -252,10 +253,15 @@ def test_compile_runs_the_same_steps_as_eager(tmp_path, plays):
     within a tolerance (two computations), and the compiled run's checkpoint holds plain weights."""
     from safetensors.torch import load_file
 
+    from torch._dynamo.utils import counters
+
     from qovaryx_model.trainer import train
 
+    torch._dynamo.reset()
+    counters.clear()
     runs = [train(write_recipe(tmp_path / f"r{c}.yaml", compile=c, target_tokens=3 * 2048, save_every=0), plays,
                   out=tmp_path / f"o{c}", progress=False) for c in (False, True)]
+    assert counters["frames"]["ok"] > 0  # dynamo compiled the model's frames (only the second run asks)
     eager, compiled = steps(runs[0].out), steps(runs[1].out)
     assert len(compiled) == 3
     for x, y in zip(eager, compiled):

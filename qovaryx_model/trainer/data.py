@@ -214,8 +214,8 @@ class PlanStream(torch.utils.data.Sampler):
             state = self.sampler.state_dict()
             mine = list(range(self.rank, len(micro), self.world))
             for j, g in enumerate(mine):
-                yield {"step": step, "micro": g, "entries": micro[g], "last": j == len(mine) - 1,
-                       "state": state}
+                yield {"step": step, "micro": g, "entries": micro[g], "seq_len": int(micro[g][0, 3]),
+                       "last": j == len(mine) - 1, "state": state}
 
 
 class BatchLoader(torch.utils.data.Dataset):

@@ -158,6 +158,8 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
             items = [next(it) for _ in range(per_rank)]
             wait = time.perf_counter() - t0
             assert all(x["plan"]["step"] == step for x in items), "the loader and the loop agree on the step"
+            L = items[0]["plan"]["seq_len"]  # what was served (metrics report it, not what the recipe says)
+            assert all(x["plan"]["seq_len"] == L for x in items), "one sequence length per step"
             sampler_state = items[-1]["plan"]["state"]
             batches = [_to(as_batch(x["batch"]), dd.device) for x in items]
             counts = _step_counts(model, batches, dd)
@@ -179,7 +181,6 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
             optimizer.zero_grad(set_to_none=True)
             for k in TERMS:
                 dd.all_sum(sums[k])
-            L = recipe.seq_len_at(step)
             tokens += recipe.tokens_per_step
             dt = thr.lap()
             row = {"step": step + 1, "tokens": tokens, "seq_len": L, "lr": recipe.lr * lr_factor,
@@ -222,7 +223,7 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
     result = TrainResult(out, last_ckpt, final_step, tokens, seconds,
                          steps_run * recipe.tokens_per_step / seconds if steps_run else 0.0, val_loss, log.path, png,
                          stop["signal"], model)
-    if dd.main and progress:
+    if dd.main:  # the closing summary, with or without the progress bar
         vl = f"{val_loss:.4f} nats/token" if val_loss is not None else "n/a (no validation data)"
         print(f"[train] {final_step} steps, {fmt_tokens(tokens)} tokens in {seconds:.1f}s "
               f"({fmt_tokens(result.tokens_per_s)} tokens/s); validation loss {vl}; checkpoint {last_ckpt}",
