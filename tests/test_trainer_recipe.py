@@ -81,6 +81,9 @@ BAD = [
     ({"betas": [0.9]}, "betas", "two numbers"),
     ({"compile": "yes"}, "compile", "true or false"),
     ({"ffn_kind": "dense"}, "ffn_kind", "choose one of"),
+    ({"preset": ["debug"]}, "preset", "a string"),
+    ({"optimizer": {"name": "adamw"}}, "optimizer", "a string"),
+    ({"length_curriculum": "(32,0)(64,-1)"}, "length_curriculum", "ends before step 1"),
 ]
 
 
@@ -113,6 +116,10 @@ def test_blend_weights_must_be_positive(tmp_path, plays):
     with pytest.raises(TrainerError, match="weight of .* must be > 0"):
         train(write_recipe(tmp_path / "r.yaml"), [{"path": str(plays / "train"), "weight": 0}], out=tmp_path / "o",
               progress=False)
+    # the same blend given in the recipe: the message names the key and the file
+    recipe = write_recipe(tmp_path / "d.yaml", data=[{"path": str(plays / "train"), "weight": -1}])
+    with pytest.raises(TrainerError, match=r"recipe key 'data' in .*d\.yaml: weight of .* must be > 0"):
+        train(recipe, out=tmp_path / "o2", progress=False)
 
 
 def test_refuses_another_tokenizer(tmp_path, plays, shakespeare_files, tok_2k_other):

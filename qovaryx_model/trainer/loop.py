@@ -61,7 +61,8 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
     if recipe.grad_accum_steps % dd.world:
         raise TrainerError(f"grad_accum_steps={recipe.grad_accum_steps} is not divisible by the {dd.world} ranks: "
                            "each rank runs grad_accum_steps / world_size micro-batches")
-    specs, implied_val = resolve_data(data if data is not None else recipe.data)
+    specs, implied_val = resolve_data(data if data is not None else recipe.data,
+                                      "--data" if data is not None else f"recipe key 'data' in {recipe.source}")
     rd = open_data(specs, Path(val_data) if val_data is not None else implied_val)
 
     start_step, tokens, resumed_from = 0, 0, None

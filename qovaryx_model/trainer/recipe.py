@@ -165,6 +165,9 @@ class Recipe:
         def bad(key: str, msg: str) -> RecipeError:
             return RecipeError(f"recipe key {key!r}{where}: {msg}")
 
+        for key in ("preset", "optimizer", "mixed_precision", "param_dtype", "distributed"):
+            if not isinstance(getattr(self, key), str):
+                raise bad(key, f"expected a name (a string), got {getattr(self, key)!r}")
         if self.preset not in PRESETS:
             raise bad("preset", f"{self.preset!r} is not a preset; choose one of {sorted(PRESETS)}")
         for key in ("target_tokens", "tokens_per_batch", "eval_tokens"):
@@ -255,7 +258,10 @@ class Recipe:
         for a, b in zip(stages, stages[1:]):
             if b.seq_len <= a.seq_len:
                 raise bad("length_curriculum", f"sequence lengths must increase: {a.seq_len} then {b.seq_len}")
-            if a.until_step < 1 or (b.until_step != -1 and b.until_step <= a.until_step):
+            if a.until_step < 1:
+                raise bad("length_curriculum", f"stage ({a.seq_len},{a.until_step}) ends before step 1: a stage "
+                                               "runs until the optimizer step given (>= 1; -1 for the last)")
+            if b.until_step != -1 and b.until_step <= a.until_step:
                 raise bad("length_curriculum", f"stage steps must increase: {a.until_step} then {b.until_step}")
         if stages[-1].until_step != -1:
             raise bad("length_curriculum", f"the last stage must run to the end: write ({stages[-1].seq_len},-1)")
