@@ -290,3 +290,45 @@ def test_a_validation_set_too_short_for_one_window_is_reported(tmp_path, plays, 
         res = train(write_recipe(tmp_path / "r.yaml", target_tokens=2048, save_every=0), plays, val_data=short,
                     out=tmp_path / "o", progress=False)
     assert res.val_loss is None
+
+
+def test_the_logged_lr_is_warmup_then_cosine_to_min_lr(tmp_path, plays):
+    """metrics.jsonl's lr, and the rate each optimizer group really used: linear warmup to lr, then
+    cosine to min_lr at the last step; --max-steps stops early without changing the schedule. The
+    trainer modules' docstring examples hold too."""
+    import doctest
+    import math
+
+    from qovaryx_model.trainer import metrics as metrics_mod, optim, recipe as recipe_mod, train
+
+    for mod in (optim, recipe_mod, metrics_mod):
+        result = doctest.testmod(mod)
+        assert result.attempted > 0 and result.failed == 0, mod.__name__
+    keys = dict(lr=1e-3, min_lr=1e-4, warmup_steps=3, target_tokens=10 * 2048, save_every=0)
+    res = train(write_recipe(tmp_path / "r.yaml", **keys), plays, out=tmp_path / "o", progress=False, max_steps=8)
+    got = [r["lr"] for r in steps(res.out)]
+    want = [1e-3 * (s + 1) / 3 if s < 3 else 1e-4 + 0.45e-3 * (1 + math.cos(math.pi * (s - 3) / 6)) for s in range(8)]
+    assert got == pytest.approx(want, rel=1e-9) and got[2] == pytest.approx(1e-3)
+    opt = torch.load(res.checkpoint / "trainer_state.pt", weights_only=True)["optimizer"]
+    assert [g["lr"] for g in opt["param_groups"]] == pytest.approx([want[-1]] * len(opt["param_groups"]))
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path, plays):
+    """grad_clip scales the gradients before the step: clipped to 1e-12 (far below AdamW's eps), the
+    first update barely moves the weights, while clip 0 (off) moves them by about lr per element."""
+    from safetensors.torch import load_file
+
+    from qovaryx_model.trainer import train
+
+    moved = {}
+    for clip in (0.0, 1e-12):
+        keys = dict(grad_clip=clip, weight_decay=0.0, warmup_steps=0, lr=1e-3, min_lr=1e-3, target_tokens=2048,
+                    save_every=1, keep_checkpoints=2)
+        res = train(write_recipe(tmp_path / f"c{clip}.yaml", **keys), plays, out=tmp_path / f"o{clip}",
+                    progress=False)
+        after = load_file(res.checkpoint / "model.safetensors")
+        torch.manual_seed(0)  # the recipe's seed: the trainer's initial weights
+        w0 = type(res.model)(res.model.config).state_dict()
+        mats = [k for k in after if k.startswith("model.layers.") and after[k].dim() == 2]
+        moved[clip] = max(float((after[k] - w0[k]).abs().mean()) for k in mats)
+    assert moved[0.0] > 2e-4 and moved[1e-12] < 1e-6, moved
