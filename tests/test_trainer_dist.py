@@ -172,3 +172,39 @@ def test_hf_trainer_with_accumulation_matches_one_batch(tmp_path, plays):
     assert l2 == pytest.approx(l1, rel=1e-4), (l1, l2)
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_torchrun_cli_stops_every_rank_when_one_gets_sigterm(tmp_path, plays):
+    """`torchrun -m qovaryx_model.trainer` (the CLI under torchrun, 2 gloo ranks): SIGTERM to one rank
+    only (a preempted node, say) stops both at the same step: they agree on the stop, save one
+    checkpoint together and exit 0, and the summary names it."""
+    import signal
+    import time
+
+    import psutil
+
+    recipe = write_recipe(tmp_path / "r.yaml", target_tokens=400 * 2048, grad_accum_steps=2, save_every=0)
+    out = tmp_path / "run"
+    env = {**os.environ, "QOVARYX_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(29600 + os.getpid() % 1000), "-m", "qovaryx_model.trainer", "--recipe", str(recipe),
+                             "--data", str(plays), "--out", str(out), "--no-progress"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(steps(out)) >= 2):
+            time.sleep(0.05)
+        ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if "qovaryx_model.trainer" in " ".join(c.cmdline())]
+        assert len(ranks) == 2, [c.cmdline() for c in ranks]
+        ranks[1].send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:  # a hang (the ranks disagreeing) must not outlive the test
+            for c in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+                c.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    done = steps(out)[-1]["step"]
+    assert latest == f"step-{done:08d}" and 2 <= done < 400
+    assert f"[train] {done} steps" in stderr and latest in stderr

@@ -206,6 +206,8 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
             if recipe.eval_every and (step + 1) % recipe.eval_every == 0 and not done:
                 val_loss = evaluate(step + 1)
                 log.plot()
+            if dd.world > 1:  # torchrun signals each rank on its own: stop together, or one waits at the save
+                stop["signal"] = bool(dd.all_sum(torch.tensor(int(stop["signal"]), device=dd.device)) > 0)
             if stop["signal"] or done or (recipe.save_every and (step + 1) % recipe.save_every == 0):
                 if done:
                     val_loss = evaluate(step + 1)
