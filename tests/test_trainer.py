@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_util import REPO, metrics, pack_texts, steps, write_recipe
+from trainer_util import REPO, metrics, pack_texts, step_counts, step_grads, steps, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -86,26 +86,13 @@ def test_accumulation_gives_the_whole_batch_gradients(plays):
     micro = [mask_first_tokens(collate(examples[i:i + 2], pad_to=33)) for i in range(0, 8, 2)]
     assert len({int(model.loss_counts(**b)["lm"]) for b in micro}) > 1  # unequal target counts
 
-    def grads(batches, counts):
-        model.zero_grad()
-        total = 0.0
-        for b in batches:
-            out = model(**b, num_items_in_batch=counts)
-            out.loss.backward()
-            total += out.loss.item()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}, total
-
-    g1, l1 = grads([whole], None)
-    counts = {}
-    for b in micro:
-        for k, v in model.loss_counts(**b).items():
-            counts[k] = counts.get(k, 0) + v
-    g4, l4 = grads(micro, counts)
-    assert l4 == pytest.approx(l1, rel=1e-5)
+    g1, l1 = step_grads(model, [whole], None)
+    g4, l4 = step_grads(model, micro, step_counts(model, micro))
+    assert l4 == pytest.approx(l1, rel=1e-5) and set(g4) == set(g1)
     for n in g1:
         torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
     # without the counts each micro-batch is its own mean: the sum is ~4x and the gradients differ
-    _, l_naive = grads(micro, None)
+    _, l_naive = step_grads(model, micro, None)
     assert l_naive > 3 * l1
 
 

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from fmnist import load_fashion_mnist
-from trainer_util import metrics, steps, write_recipe
+from trainer_util import metrics, step_counts, step_grads, steps, write_recipe
 
 KEEP = (0, 1, 7, 8)  # T-shirt/top, Trouser, Sneaker, Bag -> decision classes 0..3
 CAPTIONS = ["A small picture.", "Look at this image.", "An item, photographed.", "What is this?"]
@@ -100,3 +100,35 @@ def test_class_weights_follow_the_label_counts(fmnist_pack):
     w = decision_class_weights(RunData([ds], [1.0], None, ds.tokenizer_dir, "", {}), 4)
     counts = np.bincount([ds[int(i)].decision for i in ds.multimodal_doc_indices], minlength=4)
     np.testing.assert_allclose(w, counts.sum() / (4 * counts), rtol=1e-9)
+
+
+def test_accumulation_is_token_exact_on_image_and_label_rows(fmnist_pack):
+    """Rows with images and labels (some unlabelled), class-weighted decision loss with the
+    calibration term, and MTP: grad_accum 4 with step-wide counts gives the whole batch's
+    gradients, though the micro-batches hold different numbers of labelled rows and targets."""
+    import torch
+
+    from qovaryx_data import PackedDataset
+    from qovaryx_data.collate import collate, row_example
+    from qovaryx_model import QovaryxConfig, QovaryxForCausalLM
+    from qovaryx_model.trainer.data import mask_first_tokens
+
+    ds = PackedDataset(fmnist_pack / "train")
+    examples = [row_example(ds, int(r)) for r in ds.multimodal_doc_indices[:8]]
+    whole = mask_first_tokens(collate(examples, pad_to=max(len(e.input_ids) for e in examples),
+                                      image_shape=(28, 28, 1), decisions=True))
+    whole["decision_labels"][[1, 2, 5]] = -100  # unlabelled rows: micro-batches with 0, 1 and 2 labels
+    micro = [{k: v[i:i + 2] for k, v in whole.items()} for i in range(0, 8, 2)]
+    torch.manual_seed(0)
+    cfg = QovaryxConfig.from_preset("debug", vocab_size=2048, mtp_k=2, chart_patch_encoder_enabled=True,
+                                    image_size=28, image_channels=1, patch_size=7, decision_head_enabled=True,
+                                    decision_class_weights=[1.0, 2.0, 0.5, 1.5], calibration_loss_weight=0.2)
+    model = QovaryxForCausalLM(cfg)
+    counts = step_counts(model, micro)
+    assert len({float(model.loss_counts(**b)["decision"]) for b in micro}) > 1  # unequal labelled weight
+    g1, l1 = step_grads(model, [whole], None)
+    g4, l4 = step_grads(model, micro, counts)
+    assert l4 == pytest.approx(l1, rel=1e-5) and set(g4) == set(g1)
+    assert any("patch" in n for n in g1) and any("decision" in n for n in g1)
+    for n in g1:
+        torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)

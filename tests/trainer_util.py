@@ -49,3 +49,24 @@ def metrics(run: Path) -> list[dict]:
 
 def steps(run: Path) -> list[dict]:
     return [r for r in metrics(run) if not r.get("eval")]
+
+
+def step_grads(model, batches: list[dict], counts: dict | None) -> tuple[dict, float]:
+    """Gradients and summed loss of one optimizer step over `batches` with the step-wide `counts`
+    (None: each micro-batch normalised on its own), as the trainer's loop computes them."""
+    model.zero_grad()
+    total = 0.0
+    for b in batches:
+        out = model(**b, num_items_in_batch=counts)
+        out.loss.backward()
+        total += out.loss.item()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, total
+
+
+def step_counts(model, batches: list[dict]) -> dict:
+    """Every loss term's target count summed over the micro-batches (the loop's step-wide counts)."""
+    counts: dict = {}
+    for b in batches:
+        for k, v in model.loss_counts(**b).items():
+            counts[k] = counts.get(k, 0) + v
+    return counts
