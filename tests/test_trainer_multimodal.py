@@ -100,6 +100,13 @@ def test_class_weights_follow_the_label_counts(fmnist_pack):
     w = decision_class_weights(RunData([ds], [1.0], None, ds.tokenizer_dir, "", {}), 4)
     counts = np.bincount([ds[int(i)].decision for i in ds.multimodal_doc_indices], minlength=4)
     np.testing.assert_allclose(w, counts.sum() / (4 * counts), rtol=1e-9)
+    # a class that never occurs gets weight 0 (not a division by zero); counts sum over datasets
+    from types import SimpleNamespace
+
+    two = [SimpleNamespace(info={"sources": [{"decisions": {"hold": 5, "buy": 0, "sell": 3, "abstain": 2}}]}),
+           SimpleNamespace(info={"sources": [{"decisions": [5, 0, 1, 0]}]})]
+    w = decision_class_weights(RunData(two, [1.0, 1.0], None, ds.tokenizer_dir, "", {}), 4)
+    assert w == pytest.approx([16 / 40, 0.0, 16 / 16, 16 / 8])
 
 
 def test_accumulation_is_token_exact_on_image_and_label_rows(fmnist_pack):
