@@ -54,6 +54,24 @@ def test_debug_recipe_learns_below_unigram_entropy(tmp_path, plays):
     rows = metrics(res.out)
     evals = [r for r in rows if r.get("eval")]
     assert [r["step"] for r in evals] == [100, 200, 300] and 0 < evals[-1]["val_bpb"] < 8
+    # bits per byte against bytes counted another way: the scored targets decoded by `tokenizers`
+    import math
+
+    from tokenizers import Tokenizer
+
+    from qovaryx_model.trainer.data import BatchLoader, eval_plans
+
+    tok = Tokenizer.from_file(str(val.tokenizer_dir / "tokenizer.json"))
+    nbytes = ntargets = 0
+    for plan in eval_plans(val, 128, 16_384, 1024):
+        labels = BatchLoader([val], None, False).load(plan)["labels"][:, 1:]
+        for row in labels:
+            ids = row[row != -100].tolist()
+            ntargets += len(ids)
+            nbytes += len(tok.decode(ids, skip_special_tokens=True).encode("utf-8"))
+    assert ntargets == evals[-1]["val_tokens"]
+    want = evals[-1]["val_loss"] * ntargets / math.log(2) / nbytes
+    assert evals[-1]["val_bpb"] == pytest.approx(want, rel=2e-3)  # decode may mend a character cut at a window edge
     train_rows = [r for r in rows if not r.get("eval")]
     assert [r["step"] for r in train_rows] == list(range(1, 301))
     assert {"lm_loss", "mtp_loss", "grad_norm", "lr", "tokens_per_s", "data_wait", "data_order_fingerprint",
