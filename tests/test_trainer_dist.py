@@ -54,8 +54,13 @@ def test_two_processes_match_one(tmp_path, plays, distributed):
     two_ckpt = tmp_path / "two" / "checkpoints" / "step-00000004"
     a_w = AutoModelForCausalLM.from_pretrained(single.checkpoint, trust_remote_code=True).state_dict()
     b_w = AutoModelForCausalLM.from_pretrained(two_ckpt, trust_remote_code=True).state_dict()
+    # AdamW divides by sqrt(v): a weight whose gradient is near zero moves by up to ~lr per step on a
+    # rounding difference (the ranks' all-reduce sums in another order, with other thread counts),
+    # e.g. 1 embedding element of 131,072 by 1.5e-5 after 4 steps at lr 3e-3; a missing step or shard
+    # moves nearly every element by ~lr, far beyond 1e-4
     for k in a_w:
-        torch.testing.assert_close(b_w[k], a_w[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(b_w[k], a_w[k], rtol=1e-4, atol=1e-4, msg=k)
+        assert float((b_w[k] - a_w[k]).abs().median()) < 1e-6, k
 
 
 def test_ranks_read_disjoint_micro_batches_whose_union_is_the_single_plan(plays):
