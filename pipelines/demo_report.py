@@ -28,7 +28,7 @@ def write_report(out: Path, corpus: dict, packed: dict, trained: dict, samples: 
 
 
 def _blocks(corpus, packed, trained, samples, seconds, recipe, argv, png) -> list[tuple]:
-    tr, va = packed["train"], packed["val"]
+    va = packed["val"]
     gap = va["unigram_entropy"] - trained["val_loss"]
     args = " ".join(argv or [])
     b: list[tuple] = [

@@ -2,7 +2,6 @@
 bit-exactly (also after kill -9), it follows the curriculum, it checkpoints in the HF format."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

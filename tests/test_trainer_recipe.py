@@ -1,6 +1,7 @@
 """Recipes (the card's, and every kind of bad key) and the trainer's refusals, each naming the fix."""
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -209,6 +210,15 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, plays):
                           target_tokens=30 * 2048, save_every=0)
     with pytest.raises(TrainerError, match=r"the loss is (nan|inf).*no checkpoint was written yet"):
         train(recipe, plays, out=tmp_path / "o", progress=False)
+    # with a checkpoint every step: the message names the last good one, and `latest` still points at it
+    recipe = write_recipe(tmp_path / "s.yaml", lr=1e4, min_lr=1e4, warmup_steps=0, grad_clip=0.0,
+                          target_tokens=30 * 2048, save_every=1, keep_checkpoints=2)
+    with pytest.raises(TrainerError, match=r"step (\d+): the loss is (nan|inf).*the last good checkpoint is "
+                                           r".*step-(\d+)") as e:
+        train(recipe, plays, out=tmp_path / "s", progress=False)
+    bad, good = (int(x) for x in re.search(r"step (\d+):.*step-(\d+)", str(e.value)).groups())
+    assert good == bad - 1 >= 1
+    assert (tmp_path / "s" / "checkpoints" / "latest").read_text().strip() == f"step-{good:08d}"
 
 
 def test_activation_checkpointing_recomputes_the_same_step(tmp_path, plays):
