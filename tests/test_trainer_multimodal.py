@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from fmnist import load_fashion_mnist
-from trainer_util import metrics, step_counts, step_grads, steps, write_recipe
+from trainer_util import metrics, pack_texts, step_counts, step_grads, steps, write_recipe
 
 KEEP = (0, 1, 7, 8)  # T-shirt/top, Trouser, Sneaker, Bag -> decision classes 0..3
 CAPTIONS = ["A small picture.", "Look at this image.", "An item, photographed.", "What is this?"]
@@ -139,3 +139,40 @@ def test_accumulation_is_token_exact_on_image_and_label_rows(fmnist_pack):
     assert any("patch" in n for n in g1) and any("decision" in n for n in g1)
     for n in g1:
         torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_text_windows_and_whole_rows_share_micro_batches(tmp_path, fmnist_pack, shakespeare_files, small_tokenizer):
+    """A blend of text (plays) and image + label rows: micro-batches mix windows and rows; at a stage
+    shorter than a row, the row keeps all its tokens and its label (the batch is padded to it), and
+    the run trains through the switch with every loss term finite."""
+    import torch
+
+    from qovaryx_data import PackedDataset
+    from qovaryx_model.trainer import train
+    from qovaryx_model.trainer.data import ROW, WINDOW, BatchLoader, Sampler
+    from qovaryx_model.trainer.recipe import load_recipe
+
+    plays = pack_texts(shakespeare_files[:2], small_tokenizer, tmp_path / "plays")
+    data = [{"path": str(plays), "weight": 1}, {"path": str(fmnist_pack / "train"), "weight": 1}]
+    keys = {**MM, "length_curriculum": "(4,3)(16,-1)", "tokens_per_batch": 64, "target_tokens": 6 * 64}
+    recipe = write_recipe(tmp_path / "r.yaml", **keys)
+    sets = [PackedDataset(plays), PackedDataset(fmnist_pack / "train")]
+    sampler = Sampler(sets, [1.0, 1.0], load_recipe(recipe), 0)
+    loader = BatchLoader(sets, (28, 28, 1), True)
+    micro = sampler.plan_step()[0]  # step 0, L = 4: 16 slots
+    assert {WINDOW, ROW} <= set(micro[:, 0].tolist())
+    rows = micro[micro[:, 0] == ROW]
+    lengths = [len(sets[1][int(r)].tokens) for r in rows[:, 2]]
+    assert max(lengths) > 5  # a row longer than L + 1
+    batch = loader.load(micro)
+    assert batch["input_ids"].shape == (16, max(lengths))
+    is_row = torch.as_tensor(micro[:, 0] == ROW)
+    want = torch.tensor([sets[1][int(r)].decision for r in rows[:, 2]])
+    assert torch.equal(batch["decision_labels"][is_row], want) and (batch["decision_labels"][~is_row] == -100).all()
+    for j, (slot, n) in enumerate(zip(torch.nonzero(is_row).flatten().tolist(), lengths)):
+        row_tokens = torch.as_tensor(sets[1][int(rows[j, 2])].tokens.astype("int64"))
+        assert torch.equal(batch["input_ids"][slot, :n], row_tokens)
+    res = train(recipe, data, out=tmp_path / "o", progress=False)
+    got = steps(res.out)
+    assert [r["seq_len"] for r in got] == [4, 4, 4, 16, 16, 16]
+    assert all(np.isfinite([r["loss"], r["lm_loss"], r["decision_loss"]]).all() for r in got)
