@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from qovaryx_model import QovaryxConfig, QovaryxForCausalLM, parameter_counts
-from qovaryx_model import attention as qmodel
+from qovaryx_model import attention
 from qovaryx_model.trainer.metrics import PEAK_BF16_FLOPS, flops_per_token, peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def mfu(preset: str, backend: str, batch: int, seq: int, steps: int, device: str
         docs = (torch.arange(seq, device=device) * n_docs // seq).expand(batch, seq).contiguous()
     step = train_step_fn(model, ids, opt, autocast=device == "cuda", docs=docs)
     calls = {"flash": 0}
-    fa = qmodel._flash_attn()
+    fa = attention._flash_attn()
     if fa is not None:  # count flash-attn calls to prove the kernel is used, not the SDPA fallback
         originals = {n: getattr(fa, n) for n in ("flash_attn_func", "flash_attn_varlen_func")}
 
@@ -154,7 +154,7 @@ def correctness(device: str) -> bool:
     same = torch.equal(gen, ref)
     ok &= same
     print(f"  KV-cache greedy == full-forward greedy (fp32, 16 tokens): {'PASS' if same else 'FAIL'}")
-    if qmodel._flash_attn() is None:
+    if attention._flash_attn() is None:
         print("  flash-attn not installed: flash vs SDPA comparison skipped")
         return ok
     ids = torch.randint(8, 512, (2, 64), device=device)
@@ -253,7 +253,7 @@ def trainer_checks(device: str, dry: bool, batch: int, steps: int) -> list[dict]
         rows = [trainer_run("350m bf16 autocast (350m.yaml)", "350m.yaml", mfu_run, data, work, steps, skip),
                 trainer_run("350m bf16 params (350m.yaml)", "350m.yaml", {**mfu_run, "param_dtype": "bf16"}, data,
                             work, steps, skip)]
-        if qmodel._flash_attn() is not None or dry:
+        if attention._flash_attn() is not None or dry:
             rows.append(trainer_run("350m flash-attn (350m.yaml)", "350m.yaml", {**mfu_run, "attn_backend": "flash"},
                                     data, work, steps, skip))
         if device == "cuda":
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = torch.cuda.get_device_name()
     peak = peak_flops(torch.device("cuda"))
-    fa = qmodel._flash_attn()
+    fa = attention._flash_attn()
     known = ", ".join(k for k, _ in PEAK_BF16_FLOPS)
     print(f"{name}; torch {torch.__version__}; flash-attn {getattr(fa, '__version__', 'not installed')}; "
           f"peak bf16 {f'{peak / 1e12:.0f} TFLOP/s' if peak else f'unknown (pass --peak-tflops; table: {known})'}")

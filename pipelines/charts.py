@@ -204,7 +204,8 @@ def write_chart_source(out: str | os.PathLike, cfg: ChartConfig) -> Path:
     meta = {"format": CHARTS_FORMAT, "version": CHARTS_FORMAT_VERSION, "config": asdict(cfg)}
     if (out / "charts.json").exists():
         old = json.loads((out / "charts.json").read_text(encoding="utf-8"))
-        if old.get("format") == CHARTS_FORMAT and old.get("version") == CHARTS_FORMAT_VERSION and old.get("config") == meta["config"]:
+        if (old.get("format"), old.get("version"), old.get("config")) == (CHARTS_FORMAT, CHARTS_FORMAT_VERSION,
+                                                                           meta["config"]):
             return out / "rows.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))

@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache
 from .config import QovaryxConfig
 from .ffn import mark_residual_out
 
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """(B, S) integer positions -> cos, sin of shape (B, 1, S, hd) (computed in float32)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)

@@ -184,7 +184,8 @@ class QovaryxConfig(PreTrainedConfig):
             ids = value if isinstance(value, (list, tuple)) else [value]
             if not ids or not all(t is None or (isinstance(t, int) and not isinstance(t, bool)
                                                 and 0 <= t < self.vocab_size) for t in ids):
-                raise bad(name, value, f"use None or token ids in 0..{self.vocab_size - 1} (vocab_size={self.vocab_size})")
+                raise bad(name, value,
+                          f"use None or token ids in 0..{self.vocab_size - 1} (vocab_size={self.vocab_size})")
 
     # --- derived quantities ---
     @property

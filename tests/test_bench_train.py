@@ -1,5 +1,6 @@
 """benchmarks/bench_train.py's --dry-run: every code path (trainer, bare loop, 8-bit
-AdamW, optimizer-state bytes, the Fashion-MNIST runs) on tiny sizes. Timings are not asserted (the machine is shared)."""
+AdamW, optimizer-state bytes, the Fashion-MNIST runs) on tiny sizes. Timings are not asserted (the
+machine is shared)."""
 from __future__ import annotations
 
 import importlib.util

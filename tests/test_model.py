@@ -569,13 +569,9 @@ def test_bf16_autocast_and_bf16_weights(kind):
 def test_docstring_examples():
     import doctest
 
-    import qovaryx_model.attention
-    import qovaryx_model.config
-    import qovaryx_model.ffn
-    import qovaryx_model.heads
-    import qovaryx_model.model
+    from qovaryx_model import attention, config, ffn, heads, model
 
-    for mod in (qovaryx_model.attention, qovaryx_model.config, qovaryx_model.ffn, qovaryx_model.heads, qovaryx_model.model):
+    for mod in (attention, config, ffn, heads, model):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
 

@@ -4,7 +4,6 @@ model alone, the exact reload of the packed ternary file, config validation, and
 load-balancing loss does (and does not) promise."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -63,7 +63,7 @@ def test_header_helpers_and_dtype_rule(tmp_path):
 
 def test_a_format_1_0_dataset_still_opens(tiny):
     """Format 1.0 listed source_files inline in dataset.json and wrote minor version 0 in the
-    headers; 1.1 readers open it (a minor version adds only what an older reader may ignore)."""
+    headers; 1.1 readers open it (FORMAT.md "Versioning": 1.1 readers read 1.0)."""
     import json
 
     from qovaryx_data import PackedDataset, verify

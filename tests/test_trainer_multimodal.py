@@ -144,7 +144,7 @@ def test_accumulation_is_token_exact_on_image_and_label_rows(fmnist_pack):
 def test_text_windows_and_whole_rows_share_micro_batches(tmp_path, fmnist_pack, shakespeare_files, small_tokenizer):
     """A blend of text (plays) and image + label rows: micro-batches mix windows and rows; at a stage
     shorter than a row, the row keeps all its tokens and its label (the batch is padded to it), and
-    the run trains through the switch with every loss term finite."""
+    the run trains through the switch with every loss term finite, the same with a loader worker."""
     import torch
 
     from qovaryx_data import PackedDataset
@@ -176,3 +176,9 @@ def test_text_windows_and_whole_rows_share_micro_batches(tmp_path, fmnist_pack, 
     got = steps(res.out)
     assert [r["seq_len"] for r in got] == [4, 4, 4, 16, 16, 16]
     assert all(np.isfinite([r["loss"], r["lm_loss"], r["decision_loss"]]).all() for r in got)
+    # the same run with a DataLoader worker: batches (pixels, masks, labels) cross as numpy arrays
+    recipe_w = write_recipe(tmp_path / "w.yaml", **keys, num_workers=1)
+    with_worker = steps(train(recipe_w, data, out=tmp_path / "w", progress=False).out)
+    assert [r["data_order_fingerprint"] for r in with_worker] == [r["data_order_fingerprint"] for r in got]
+    for x, y in zip(got, with_worker):
+        assert (y["loss"], y["decision_loss"]) == pytest.approx((x["loss"], x["decision_loss"]), rel=1e-6)

@@ -210,11 +210,12 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, plays):
                           target_tokens=30 * 2048, save_every=0)
     with pytest.raises(TrainerError, match=r"the loss is (nan|inf).*no checkpoint was written yet"):
         train(recipe, plays, out=tmp_path / "o", progress=False)
-    # with a checkpoint every step: the message names the last good one, and `latest` still points at it
+    # with a checkpoint every step: the message names the last one (the weights that gave the loss, written
+    # before it), and `latest` still points at it: nothing is written after a non-finite loss
     recipe = write_recipe(tmp_path / "s.yaml", lr=1e4, min_lr=1e4, warmup_steps=0, grad_clip=0.0,
                           target_tokens=30 * 2048, save_every=1, keep_checkpoints=2)
-    with pytest.raises(TrainerError, match=r"step (\d+): the loss is (nan|inf).*the last good checkpoint is "
-                                           r".*step-(\d+)") as e:
+    with pytest.raises(TrainerError, match=r"step (\d+): the loss is (nan|inf).*the last checkpoint, "
+                                           r".*step-(\d+), holds the weights that gave this loss.*--init-from") as e:
         train(recipe, plays, out=tmp_path / "s", progress=False)
     bad, good = (int(x) for x in re.search(r"step (\d+):.*step-(\d+)", str(e.value)).groups())
     assert good == bad - 1 >= 1
@@ -270,7 +271,12 @@ def test_compile_runs_the_same_steps_as_eager(tmp_path, plays):
     within a tolerance (two computations), and the compiled run's checkpoint holds plain weights."""
     from safetensors.torch import load_file
 
+    import shutil
+
     from torch._dynamo.utils import counters
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile's CPU backend (inductor) needs a C++ compiler")
 
     from qovaryx_model.trainer import train
 
@@ -282,10 +288,11 @@ def test_compile_runs_the_same_steps_as_eager(tmp_path, plays):
     eager, compiled = steps(runs[0].out), steps(runs[1].out)
     assert len(compiled) == 3
     for x, y in zip(eager, compiled):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)  # inductor's kernels are another computation
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)
     names = set(load_file(runs[1].checkpoint / "model.safetensors"))
-    assert names == set(load_file(runs[0].checkpoint / "model.safetensors")) and not any("_orig_mod" in n for n in names)
-
+    assert names == set(load_file(runs[0].checkpoint / "model.safetensors"))
+    assert not any("_orig_mod" in n for n in names)
 
 
 def test_a_validation_set_too_short_for_one_window_is_reported(tmp_path, plays, shakespeare_files, small_tokenizer):
@@ -329,6 +336,7 @@ def test_gradient_clipping_bounds_the_update(tmp_path, plays):
     from safetensors.torch import load_file
 
     from qovaryx_model.trainer import train
+    from qovaryx_model.trainer.setup import build_model
 
     moved = {}
     for clip in (0.0, 1e-12):
@@ -337,8 +345,7 @@ def test_gradient_clipping_bounds_the_update(tmp_path, plays):
         res = train(write_recipe(tmp_path / f"c{clip}.yaml", **keys), plays, out=tmp_path / f"o{clip}",
                     progress=False)
         after = load_file(res.checkpoint / "model.safetensors")
-        torch.manual_seed(0)  # the recipe's seed: the trainer's initial weights
-        w0 = type(res.model)(res.model.config).state_dict()
+        w0 = build_model(res.model.config, 0, torch.device("cpu"), None).state_dict()  # the trainer's init (seed 0)
         mats = [k for k in after if k.startswith("model.layers.") and after[k].dim() == 2]
         moved[clip] = max(float((after[k] - w0[k]).abs().mean()) for k in mats)
     assert moved[0.0] > 2e-4 and moved[1e-12] < 1e-6, moved

@@ -61,8 +61,8 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
     if recipe.grad_accum_steps % dd.world:
         raise TrainerError(f"grad_accum_steps={recipe.grad_accum_steps} is not divisible by the {dd.world} ranks: "
                            "each rank runs grad_accum_steps / world_size micro-batches")
-    specs, implied_val = resolve_data(data if data is not None else recipe.data,
-                                      "--data" if data is not None else f"recipe key 'data' in {recipe.source}")
+    specs, implied_val = resolve_data(data if data is not None else recipe.data, "--data" if data is not None
+                                      else "recipe key 'data'" + (f" in {recipe.source}" if recipe.source else ""))
     rd = open_data(specs, Path(val_data) if val_data is not None else implied_val)
 
     start_step, tokens, resumed_from = 0, 0, None
@@ -128,7 +128,7 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
     old_handler = _on_sigterm(stop)
     bar = _progress(progress and dd.main, start_step, end_step)
     per_rank = recipe.grad_accum_steps // dd.world
-    val_loss, last_ckpt, t_start, steps_run = None, resumed_from, time.perf_counter(), 0
+    val_loss, last_ckpt, t_start, steps_run, stopped = None, resumed_from, time.perf_counter(), 0, False
 
     def evaluate(step: int) -> float | None:
         if val_loader is None or not val_plans:
@@ -186,13 +186,17 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
             dt = thr.lap()
             row = {"step": step + 1, "tokens": tokens, "seq_len": L, "lr": recipe.lr * lr_factor,
                    **{k: float(v) for k, v in sums.items() if (k == "loss" or v != 0)},
-                   "targets": int(counts["lm"]), "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()), "tokens_per_s": recipe.tokens_per_step / dt,
+                   "targets": int(counts["lm"]),
+                   "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),  # FSDP: a DTensor
+                   "tokens_per_s": recipe.tokens_per_step / dt,
                    "data_wait": wait / dt, "step_time": dt, "data_order_fingerprint": sampler_state["fingerprint"],
                    "peak_mem_mb": _peak_mem_mb(dd.device)}
             if peak:
                 row["mfu"] = flops_per_token(cfg, L) * row["tokens_per_s"] / (peak * dd.world)
             if not math.isfinite(row["loss"]):
-                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                where = (f"the last checkpoint, {last_ckpt}, holds the weights that gave this loss: start from it "
+                         "(or an earlier one) with --init-from and a lower lr" if last_ckpt
+                         else "no checkpoint was written yet")
                 raise TrainerError(f"step {step + 1}: the loss is {row['loss']} (lm {row.get('lm_loss')}); stopping. "
                                    f"{where}. Lower lr, raise warmup_steps or check the data")
             log.write(row)
@@ -206,13 +210,18 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
             if recipe.eval_every and (step + 1) % recipe.eval_every == 0 and not done:
                 val_loss = evaluate(step + 1)
                 log.plot()
-            if dd.world > 1:  # torchrun signals each rank on its own: stop together, or one waits at the save
-                stop["signal"] = bool(dd.all_sum(torch.tensor(int(stop["signal"]), device=dd.device)) > 0)
-            if stop["signal"] or done or (recipe.save_every and (step + 1) % recipe.save_every == 0):
+            # torchrun signals each rank on its own: the ranks stop at the same step (else one waits at the
+            # save's barrier). The flag is read once into `stopping`, never written back: a signal that comes
+            # during the all-reduce or the save is acted on at the next step.
+            stopping = stop["signal"]
+            if dd.world > 1:
+                stopping = bool(dd.all_sum(torch.tensor(int(stopping), device=dd.device)) > 0)
+            if stopping or done or (recipe.save_every and (step + 1) % recipe.save_every == 0):
                 if done:
                     val_loss = evaluate(step + 1)
                 last_ckpt = save(step + 1)
-            if stop["signal"]:
+            if stopping:
+                stopped = True
                 break
     finally:
         if bar is not None:
@@ -225,7 +234,7 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
     final_step = start_step + steps_run
     result = TrainResult(out, last_ckpt, final_step, tokens, seconds,
                          steps_run * recipe.tokens_per_step / seconds if steps_run else 0.0, val_loss, log.path, png,
-                         stop["signal"], model)
+                         stopped, model)
     if dd.main:  # the closing summary, with or without the progress bar
         vl = f"{val_loss:.4f} nats/token" if val_loss is not None else "n/a (no validation data)"
         print(f"[train] {final_step} steps, {fmt_tokens(tokens)} tokens in {seconds:.1f}s "
