@@ -88,6 +88,21 @@ def test_ranks_read_disjoint_micro_batches_whose_union_is_the_single_plan(plays)
     assert len(pieces) == len(set(pieces))
 
 
+def test_epochs_cover_every_window_once_in_a_new_order(plays):
+    """Without replacement within an epoch, reshuffled (seeded by epoch) at the next: the first n
+    draws are every item once, the next n are every item once again in another order."""
+    from qovaryx_data import PackedDataset
+    from qovaryx_model.trainer.data import Source
+
+    src = Source(PackedDataset(plays), 0, 64, seed=0)
+    first = [src.next() for _ in range(src.n)]
+    second = [src.next() for _ in range(src.n)]
+    assert src.epoch == 1 and len(set(first)) == src.n == len(first)
+    assert sorted(first) == sorted(second) and first != second
+    again = Source(PackedDataset(plays), 0, 64, seed=0)
+    assert [again.next() for _ in range(2 * again.n)] == first + second  # deterministic from the seed
+
+
 def test_blend_follows_the_weights_and_resumes_mid_epoch(plays, tmp_path, shakespeare_files, small_tokenizer):
     from qovaryx_data import PackedDataset
     from qovaryx_model.trainer import load_recipe
