@@ -159,7 +159,7 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
             items = [next(it) for _ in range(per_rank)]
             wait = time.perf_counter() - t0
             assert all(x["plan"]["step"] == step for x in items), "the loader and the loop agree on the step"
-            L = items[0]["plan"]["seq_len"]  # what was served (metrics report it, not what the recipe says)
+            L = items[0]["plan"]["seq_len"]  # the length the sampler planned these batches at (metrics report it)
             assert all(x["plan"]["seq_len"] == L for x in items), "one sequence length per step"
             sampler_state = items[-1]["plan"]["state"]
             batches = [_to(as_batch(x["batch"]), dd.device) for x in items]
@@ -180,8 +180,12 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
                                                        else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for k in TERMS:
-                dd.all_sum(sums[k])
+            # one all-reduce for the step's loss terms and the stop flag: torchrun signals each rank on its
+            # own, and the ranks must stop at the same step (else one waits at the save's barrier). The flag
+            # is read once, never written back: a signal after this point is acted on at the next step.
+            reduced = dd.all_sum(torch.stack([sums[k] for k in TERMS]
+                                             + [torch.tensor(float(stop["signal"]), device=dd.device)]))
+            sums, stopping = dict(zip(TERMS, reduced[:-1])), bool(reduced[-1] > 0)
             tokens += recipe.tokens_per_step
             dt = thr.lap()
             row = {"step": step + 1, "tokens": tokens, "seq_len": L, "lr": recipe.lr * lr_factor,
@@ -210,12 +214,6 @@ def train(recipe: str | Path | Recipe, data=None, *, out: str | Path, val_data=N
             if recipe.eval_every and (step + 1) % recipe.eval_every == 0 and not done:
                 val_loss = evaluate(step + 1)
                 log.plot()
-            # torchrun signals each rank on its own: the ranks stop at the same step (else one waits at the
-            # save's barrier). The flag is read once into `stopping`, never written back: a signal that comes
-            # during the all-reduce or the save is acted on at the next step.
-            stopping = stop["signal"]
-            if dd.world > 1:
-                stopping = bool(dd.all_sum(torch.tensor(int(stopping), device=dd.device)) > 0)
             if stopping or done or (recipe.save_every and (step + 1) % recipe.save_every == 0):
                 if done:
                     val_loss = evaluate(step + 1)
