@@ -147,7 +147,11 @@ def test_resume_after_kill_9(tmp_path, plays):
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd(out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoints" / "step-00000004" / "trainer_state.json").exists():
+    def latest_step() -> int:  # the checkpoint `latest` names (replaced atomically once a folder is complete)
+        p = out / "checkpoints" / "latest"
+        return int(p.read_text().strip().split("-")[1]) if p.is_file() else 0
+
+    while time.time() < deadline and latest_step() < 4:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
